@@ -1,0 +1,119 @@
+"""The xstate-agent command line."""
+
+import enum
+import json
+import sys
+
+import typer
+
+from agent import __version__
+from agent.events.reader import InputError
+from agent.policy.engine import Engine, Violation
+from agent.policy.rules import RULES, SEVERITIES, rules_markdown
+from agent.policy.state import DEFAULT_MAX_PROCESSES, DEFAULT_MAX_VCPUS
+from agent.replay import Summary, replay
+from agent.xstate import DEFAULT_DYN, MASK64
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Watch dynamic XSAVE (Intel AMX) handling on KVM hosts and judge it against the policy.")
+
+EXIT_OK, EXIT_VIOLATION, EXIT_INPUT = 0, 1, 2
+
+
+class ProfileName(str, enum.Enum):
+    upstream = "upstream"
+    reference = "reference"
+
+
+class Format(str, enum.Enum):
+    text = "text"
+    json = "json"
+
+
+class RulesFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+class FailOn(str, enum.Enum):
+    critical = "critical"
+    warning = "warning"
+    never = "never"
+
+
+def parse_mask(value: str) -> int:
+    try:
+        mask = int(value, 0)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number (use 0x... for hex)") from None
+    if not 0 < mask <= MASK64:
+        raise typer.BadParameter(f"{value} is outside 1..2^64-1")
+    return mask
+
+
+def _text_sink(v: Violation, file: str, line: int) -> None:
+    ev = v.event
+    where = f"tgid={ev.tgid}"
+    if getattr(ev, "vm", None) is not None:
+        where += f" vm={ev.vm} vcpu={ev.vcpu}"
+    print(f"{file}:{line}: {v.rule.id} {v.rule.severity}: {v.message} [{ev.kind} {where} ts={ev.ts}]")
+
+
+def _json_sink(v: Violation, file: str, line: int) -> None:
+    print(json.dumps(v.to_dict(file, line), separators=(",", ":")))
+
+
+@app.command("replay")
+def replay_cmd(
+    files: list[str] = typer.Argument(..., metavar="FILE...", help="Event logs (JSON Lines); '-' reads standard input."),
+    profile: ProfileName = typer.Option(ProfileName.upstream, help="Which design to judge against."),
+    format: Format = typer.Option(Format.text, "--format", help="How to print violations."),
+    fail_on: FailOn = typer.Option(FailOn.warning, help="Exit 1 when a violation of this severity or worse is seen."),
+    dyn: str = typer.Option(hex(DEFAULT_DYN), help="Mask of the dynamic XSAVE features (DYN).", callback=parse_mask),
+    max_processes: int = typer.Option(DEFAULT_MAX_PROCESSES, min=1, help="Most processes tracked at once."),
+    max_vcpus: int = typer.Option(DEFAULT_MAX_VCPUS, min=1, help="Most vCPUs tracked at once."),
+) -> None:
+    """Judge recorded event logs. Exit 0: clean; 1: a violation at or above --fail-on; 2: bad input."""
+    engine = Engine(profile.value, dyn, max_processes, max_vcpus)
+    summary = Summary()
+    sink = _json_sink if format is Format.json else _text_sink
+    try:
+        replay(files, engine, sink, summary)
+    except InputError as e:
+        print(summary.line(engine), file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_INPUT) from None
+    print(summary.line(engine), file=sys.stderr)
+    failing = {"critical": ("critical",), "warning": SEVERITIES, "never": ()}[fail_on.value]
+    if any(summary.by_severity[s] for s in failing):
+        raise typer.Exit(EXIT_VIOLATION)
+
+
+@app.command("rules")
+def rules_cmd(format: RulesFormat = typer.Option(RulesFormat.text, "--format", help="A table, JSON, or Markdown.")) -> None:
+    """List the policy rules."""
+    if format is RulesFormat.json:
+        print(json.dumps([r.to_dict() for r in RULES], indent=2))
+        return
+    if format is RulesFormat.markdown:
+        print(rules_markdown(), end="")
+        return
+    for r in RULES:
+        profiles = "both" if len(r.profiles) == 2 else "/".join(sorted(r.profiles))
+        print(f"{r.id}  {r.severity:<8}  {profiles:<8}  {','.join(k.kind for k in r.kinds):<12}  {r.summary}")
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        # Output piped into `head` and the like: not an error worth a traceback.
+        sys.stderr.close()
+        sys.exit(EXIT_OK)
