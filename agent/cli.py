@@ -2,7 +2,9 @@
 
 import enum
 import json
+import signal
 import sys
+import threading
 
 import typer
 
@@ -11,7 +13,9 @@ from agent.events.reader import InputError
 from agent.policy.engine import Engine, Violation
 from agent.policy.rules import RULES, SEVERITIES, rules_markdown
 from agent.policy.state import DEFAULT_MAX_PROCESSES, DEFAULT_MAX_VCPUS
+from agent.pipeline import EventLog, Pipeline, ViolationPrinter
 from agent.replay import Summary, replay
+from agent.sources.file import file_source
 from agent.xstate import DEFAULT_DYN, MASK64
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -88,6 +92,44 @@ def replay_cmd(
     failing = {"critical": ("critical",), "warning": SEVERITIES, "never": ()}[fail_on.value]
     if any(summary.by_severity[s] for s in failing):
         raise typer.Exit(EXIT_VIOLATION)
+
+
+@app.command("run")
+def run_cmd(
+    from_: list[str] = typer.Option(None, "--from", metavar="FILE",
+                                    help="Drive the pipeline from recorded event logs instead of live probes."),
+    follow: bool = typer.Option(False, help="With --from: keep reading the last file as it grows, until stopped."),
+    profile: ProfileName = typer.Option(ProfileName.upstream, help="Which design to judge against."),
+    events_log: str = typer.Option(None, metavar="PATH", help="Append every event to PATH as spec JSONL."),
+    dyn: str = typer.Option(hex(DEFAULT_DYN), help="Mask of the dynamic XSAVE features (DYN).", callback=parse_mask),
+    max_processes: int = typer.Option(DEFAULT_MAX_PROCESSES, min=1, help="Most processes tracked at once."),
+    max_vcpus: int = typer.Option(DEFAULT_MAX_VCPUS, min=1, help="Most vCPUs tracked at once."),
+) -> None:
+    """Judge events as they come; violations go to stdout as JSON lines. Stops cleanly on SIGINT/SIGTERM."""
+    if not from_:
+        print("error: live probes are not available in this build yet; use --from FILE", file=sys.stderr)
+        raise typer.Exit(EXIT_INPUT)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    engine = Engine(profile.value, dyn, max_processes, max_vcpus)
+    try:
+        log = EventLog(events_log) if events_log else None
+    except OSError as e:
+        print(f"error: events log {events_log}: {e.strerror}", file=sys.stderr)
+        raise typer.Exit(EXIT_INPUT) from None
+    pipeline = Pipeline(engine, ViolationPrinter(), log)
+    try:
+        for file, events, lines in file_source(from_, stop, follow):
+            pipeline.feed(events, file, lines)
+            if stop.is_set():
+                break
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_INPUT) from None
+    finally:
+        pipeline.close()
+        print(f"{pipeline.events} events judged, {pipeline.violations} violations", file=sys.stderr)
 
 
 @app.command("rules")

@@ -1,0 +1,1 @@
+"""Where events come from: recorded logs here, live probes in agent/probes."""
