@@ -10,18 +10,22 @@ import typer
 
 from agent import __version__
 from agent.events.reader import InputError
+from agent.exporters.prometheus import DEFAULT_LISTEN, MetricsServer, WebConfig, WebConfigError, make_registry
 from agent.policy.engine import Engine, Violation
 from agent.policy.rules import RULES, SEVERITIES, rules_markdown
 from agent.policy.state import DEFAULT_MAX_PROCESSES, DEFAULT_MAX_VCPUS
 from agent.pipeline import EventLog, Pipeline, ViolationPrinter
 from agent.replay import Summary, replay
 from agent.sources.file import file_source
+from agent.stats import DEFAULT_MAX_VMS, Stats
 from agent.xstate import DEFAULT_DYN, MASK64
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Watch dynamic XSAVE (Intel AMX) handling on KVM hosts and judge it against the policy.")
 
 EXIT_OK, EXIT_VIOLATION, EXIT_INPUT = 0, 1, 2
+# The metrics address cannot be bound (in use, not local, no permission).
+EXIT_LISTEN = 3
 
 
 class ProfileName(str, enum.Enum):
@@ -104,6 +108,15 @@ def run_cmd(
     dyn: str = typer.Option(hex(DEFAULT_DYN), help="Mask of the dynamic XSAVE features (DYN).", callback=parse_mask),
     max_processes: int = typer.Option(DEFAULT_MAX_PROCESSES, min=1, help="Most processes tracked at once."),
     max_vcpus: int = typer.Option(DEFAULT_MAX_VCPUS, min=1, help="Most vCPUs tracked at once."),
+    listen: str = typer.Option(None, metavar="ADDR:PORT",
+                               help=f"Serve /metrics and /healthz there ([ADDR]:PORT; ':PORT' is every interface). "
+                                    f"Live default {DEFAULT_LISTEN}; with --from, only when given."),
+    web_config: str = typer.Option(None, metavar="FILE",
+                                   help="TLS and basic auth for --listen (Prometheus exporter-toolkit format)."),
+    vm_label: bool = typer.Option(True, "--vm-label/--no-vm-label",
+                                  help="Per-VM metrics carry a vm label; without it they are summed per host."),
+    max_vms: int = typer.Option(DEFAULT_MAX_VMS, min=1, help="Most VMs with their own vm label; the rest "
+                                "are counted under vm=\"_other\"."),
 ) -> None:
     """Judge events as they come; violations go to stdout as JSON lines. Stops cleanly on SIGINT/SIGTERM."""
     if not from_:
@@ -113,12 +126,16 @@ def run_cmd(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     engine = Engine(profile.value, dyn, max_processes, max_vcpus)
+    stats = Stats(engine, per_vm=vm_label, max_vms=max_vms)
+    server = _serve_metrics(stats, listen, web_config)
     try:
         log = EventLog(events_log) if events_log else None
     except OSError as e:
+        if server is not None:
+            server.stop()
         print(f"error: events log {events_log}: {e.strerror}", file=sys.stderr)
         raise typer.Exit(EXIT_INPUT) from None
-    pipeline = Pipeline(engine, ViolationPrinter(), log)
+    pipeline = Pipeline(engine, ViolationPrinter(), log, observers=[stats])
     try:
         for file, events, lines in file_source(from_, stop, follow):
             pipeline.feed(events, file, lines)
@@ -129,7 +146,29 @@ def run_cmd(
         raise typer.Exit(EXIT_INPUT) from None
     finally:
         pipeline.close()
+        if server is not None:
+            server.stop()
         print(f"{pipeline.events} events judged, {pipeline.violations} violations", file=sys.stderr)
+
+
+def _serve_metrics(stats: Stats, listen: str | None, web_config: str | None):
+    """The metrics server on `listen`, started; None without `listen`. Exits on a bad address or config."""
+    if listen is None:
+        if web_config is not None:
+            print("error: --web-config needs --listen", file=sys.stderr)
+            raise typer.Exit(EXIT_INPUT)
+        return None
+    try:
+        web = WebConfig.load(web_config) if web_config else None
+        server = MetricsServer(make_registry(stats), listen, web, __version__)
+    except (ValueError, WebConfigError) as e:
+        print(f"error: {'--web-config ' if isinstance(e, WebConfigError) else '--listen '}{e}", file=sys.stderr)
+        raise typer.Exit(EXIT_INPUT) from None
+    except OSError as e:
+        print(f"error: --listen {listen}: {e.strerror or e}", file=sys.stderr)
+        raise typer.Exit(EXIT_LISTEN) from None
+    print(f"metrics on {server.url}", file=sys.stderr, flush=True)
+    return server.start()
 
 
 @app.command("rules")
@@ -153,9 +192,6 @@ def version_cmd() -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except BrokenPipeError:
-        # Output piped into `head` and the like: not an error worth a traceback.
-        sys.stderr.close()
-        sys.exit(EXIT_OK)
+    # Like other Unix filters: output piped into `head` ends the command quietly.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    app()

@@ -18,6 +18,7 @@ from agent.events.model import AnyEvent, Event
 BLOCK = 1 << 20
 _decoder = msgspec.json.Decoder(AnyEvent)
 STDIN = "-"
+STDIN_NAME = "<stdin>"
 
 
 @dataclass
@@ -70,7 +71,10 @@ def _slow(block: bytes, name: str, first_line: int) -> Iterator[tuple[list[Event
 
 def _fast(block: bytes) -> list[Event] | None:
     """The whole block in one call, when it is plain: else None."""
-    if block[:1] in (b"#", b"\n") or b"\n#" in block or b"\n\n" in block:
+    # Plain: every line starts with "{" and ends with "}" (so no comment, no
+    # blank line, and no JSON value can span a newline, since "}" whitespace
+    # "{" never occurs inside one value).
+    if block[:1] != b"{" or block[-1:] != b"}" or block.count(b"}\n{") != block.count(b"\n"):
         return None
     try:
         block.decode("utf-8")
@@ -113,7 +117,7 @@ def read_files(paths: Iterable[str]) -> Iterator[tuple[str, list[Event], Iterabl
     """Batches from several files, in order, as one stream; `-` is standard input."""
     for path in paths:
         if path == STDIN:
-            yield from ((STDIN, ev, ln) for ev, ln in read_stream(sys.stdin.buffer, "<stdin>"))
+            yield from ((STDIN_NAME, ev, ln) for ev, ln in read_stream(sys.stdin.buffer, STDIN_NAME))
             continue
         try:
             stream = open(path, "rb")

@@ -187,6 +187,10 @@ class Engine:
         p, c = self._vcpu(ev)
         out = self._run(checks, ev, p, c)
         if ev.enabled:
+            if c.passthrough is not True:
+                # Switched on in a guest trap, the guest resumes and may write XFD unseen
+                # from now on: XFD is known again only from a host write (spec/policy.md).
+                c.xfd = None
             c.passthrough = True
         else:
             c.passthrough = False
