@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent install, as root on Debian 12, of what the live agent needs:
+# Idempotent install, as root on Debian 12, of the system packages the agent
+# and its tests need:
+#   - python3-venv, python3-pip: the project's virtual environment;
 #   - python3-bpfcc: BCC 0.26 for /usr/bin/python3 (not on PyPI);
 #   - linux-headers-amd64, merged into one tree that BCC can compile against;
 #   - tracefs mounted (BCC attaches tracepoints through it).
@@ -15,7 +17,7 @@
 set -euo pipefail
 
 HEADERS_DIR="${XSTATE_AGENT_HEADERS:-/var/lib/xstate-agent/kernel-headers}"
-PACKAGES=(python3-bpfcc linux-headers-amd64)
+PACKAGES=(python3-venv python3-pip python3-bpfcc linux-headers-amd64)
 
 [ "$(id -u)" = 0 ] || { echo "install-deps: must run as root" >&2; exit 1; }
 
@@ -51,6 +53,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     mkdir -p "$parent"
     tmp=$(mktemp -d "$parent/.kernel-headers.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
+    chmod 755 "$tmp"  # mktemp makes it 0700; non-root tools may read headers too
     cp -rs "$common_dir/." "$tmp/"
     # --remove-destination: a file of -amd64 replaces the -common link of the same name.
     cp -rs --remove-destination "$arch_dir/." "$tmp/"

@@ -1,0 +1,1 @@
+"""Live probes: BTF offsets, BPF loading, and decoding to agent.events.model."""
