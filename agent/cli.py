@@ -126,6 +126,7 @@ def run_cmd(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     engine = Engine(profile.value, dyn, max_processes, max_vcpus)
+    # Statistics are kept for the metrics server, when there is one.
     stats = Stats(engine, per_vm=vm_label, max_vms=max_vms)
     server = _serve_metrics(stats, listen, web_config)
     try:
@@ -135,7 +136,7 @@ def run_cmd(
             server.stop()
         print(f"error: events log {events_log}: {e.strerror}", file=sys.stderr)
         raise typer.Exit(EXIT_INPUT) from None
-    pipeline = Pipeline(engine, ViolationPrinter(), log, observers=[stats])
+    pipeline = Pipeline(engine, ViolationPrinter(), log, observers=[stats] if server is not None else [])
     try:
         for file, events, lines in file_source(from_, stop, follow):
             pipeline.feed(events, file, lines)

@@ -4,6 +4,8 @@
 #   - python3-venv, python3-pip: the project's virtual environment;
 #   - python3-bpfcc: BCC 0.26 for /usr/bin/python3 (not on PyPI);
 #   - linux-headers-amd64, merged into one tree that BCC can compile against;
+#   - prometheus (with promtool), prometheus-alertmanager (with amtool),
+#     openssl: the metrics, alert rules and dashboards are tested against them;
 #   - tracefs mounted (BCC attaches tracepoints through it).
 # Reruns skip apt when the packages are there (no network needed) and rebuild
 # the merged header tree only when the header package version changed.
@@ -17,7 +19,7 @@
 set -euo pipefail
 
 HEADERS_DIR="${XSTATE_AGENT_HEADERS:-/var/lib/xstate-agent/kernel-headers}"
-PACKAGES=(python3-venv python3-pip python3-bpfcc linux-headers-amd64)
+PACKAGES=(python3-venv python3-pip python3-bpfcc linux-headers-amd64 prometheus prometheus-alertmanager openssl)
 
 [ "$(id -u)" = 0 ] || { echo "install-deps: must run as root" >&2; exit 1; }
 

@@ -1,0 +1,1 @@
+"""Exporters: how the agent's statistics leave the host (Prometheus)."""
