@@ -24,7 +24,9 @@ def main(argv: list[str]) -> int:
     if "--no-attach" in argv:
         return 0
 
-    from agent.probes.tracepoint_backend import BackendError, TracepointBackend
+    from agent.events.model import KINDS
+    from agent.probes.offsets import REQUIRES
+    from agent.probes.tracepoint_backend import REPORTS, BackendError, TracepointBackend
     backend = TracepointBackend(lambda event, raw: None, offsets=offsets)
     try:
         backend.start()
@@ -34,9 +36,16 @@ def main(argv: list[str]) -> int:
     finally:
         backend.close()
     t = backend.timings
-    print(f"backend: compile {t.compile_s:.3f} s, load+attach {t.attach_s:.3f} s")
+    print(f"backend: compile {t.compile_s:.3f} s, load+attach {t.attach_s:.3f} s; "
+          f"sched_process_exit {'has group_dead' if backend.exit_has_group_dead else 'lacks group_dead: signal->live'}")
     for group, status in backend.status.items():
-        print(f"  {group:12} {'attached' if status.attached else 'NOT attached: ' + str(status.reason)}")
+        state = "attached" if status.attached else "NOT attached: " + str(status.reason)
+        print(f"  {group:11} {state}")
+        where = f"via {', '.join(status.tracepoints)}" if status.tracepoints else \
+            f"(extra code in {', '.join(REQUIRES.get(group, ()))}'s programs)"
+        print(f"  {'':11}   reports {REPORTS[group]} {where}")
+    blind = [k for k in KINDS if k not in backend.kinds_covered()]
+    print(f"event kinds without an attached source: {', '.join(blind) or 'none'}")
     return 0 if all(s.attached for s in backend.status.values()) else 1
 
 

@@ -191,6 +191,31 @@ class Btf:
         own = self._by_name.get(name, [])
         return (self.base.structs_named(name) if self.base else []) + own
 
+    def enum_value(self, enum_name: str, name: str) -> int:
+        """Value of enumerator `name` of `enum enum_name` (in this BTF or its base)."""
+        if self.base:
+            try:
+                return self.base.enum_value(enum_name, name)
+            except BtfError:
+                pass
+        w, found = self._words, False
+        for at in self._index:
+            info = w[at + 1]
+            kind = (info >> 24) & 0x1F
+            if kind not in (ENUM, ENUM64) or not w[at] or self.string(w[at]) != enum_name:
+                continue
+            found = True
+            step = 2 if kind == ENUM else 3
+            for i in range(at + 3, at + 3 + step * (info & 0xFFFF), step):
+                if self.string(w[i]) == name:
+                    value = w[i + 1] if kind == ENUM else w[i + 1] | w[i + 2] << 32
+                    signed = info >> 31  # kind_flag: signed enumerators
+                    bits = 32 if kind == ENUM else 64
+                    return value - (1 << bits) if signed and value >> (bits - 1) else value
+        if found:
+            raise BtfError(f"enum {enum_name} has no enumerator {name!r} (in {self.name} BTF)")
+        raise BtfError(f"enum {enum_name} not in {self.name} BTF")
+
     def struct_size(self, name: str) -> int:
         ids = self.structs_named(name)
         if not ids:
@@ -292,3 +317,17 @@ class KernelBtf:
 
     def struct_size(self, struct_name: str) -> int:
         return self.btf_for(struct_name).struct_size(struct_name)
+
+    def enum_value(self, enum_name: str, name: str) -> int:
+        """An enumerator's value, from vmlinux or else the KVM modules' BTF."""
+        try:
+            return self.vmlinux.enum_value(enum_name, name)
+        except BtfError as first:
+            for mod in self.MODULES:
+                btf = self._module(mod)
+                if btf:
+                    try:
+                        return btf.enum_value(enum_name, name)
+                    except BtfError:
+                        pass
+            raise first from None

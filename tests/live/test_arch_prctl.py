@@ -86,5 +86,4 @@ def test_other_options_are_filtered_in_the_kernel(live):
 
 
 def test_nothing_lost(live):
-    assert live.backend.lost() == 0
-    assert live.backend.decode_errors == 0
+    live.assert_nothing_lost()

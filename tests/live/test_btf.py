@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from agent.probes.btf import INT, PTR, STRUCT, Btf, BtfError, KernelBtf
-from agent.probes.offsets import FIELDS, resolve, task_guest_perm_offset
+from agent.probes.btf import ARRAY, INT, PTR, STRUCT, Btf, BtfError, KernelBtf
+from agent.probes.offsets import ENUMS, FIELDS, resolve, task_guest_perm_offset
 from livecheck import require
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -26,7 +26,7 @@ def test_all_offsets_resolve_within_a_second(kbtf):
     offsets = resolve(KernelBtf())  # from scratch: parse + every lookup
     elapsed = time.perf_counter() - t0
     assert offsets.errors == {}
-    assert set(offsets.values) == set(FIELDS) | {"OFF_TASK_GUEST_PERM"}
+    assert set(offsets.values) == set(FIELDS) | set(ENUMS) | {"OFF_TASK_GUEST_PERM"}
     assert elapsed < 1.0, f"BTF load and resolution took {elapsed:.3f} s"
 
 
@@ -36,8 +36,12 @@ def test_each_field_lies_inside_its_struct(kbtf, define):
     f = kbtf.field(struct_name, path)
     assert f.bitfield_size == 0
     assert 0 <= f.offset and f.offset + f.size <= kbtf.struct_size(struct_name)
-    # Pointers are 8 bytes, every other field we read is a scalar of 1-8 bytes.
-    assert f.size == 8 if f.kind == PTR else f.size in (1, 2, 4, 8)
+    # Pointers are 8 bytes, kvm_vcpu_arch.regs an array of 8-byte registers,
+    # every other field we read a scalar of 1-8 bytes.
+    if f.kind == ARRAY:
+        assert define == "OFF_VCPU_REGS" and f.size % 8 == 0
+    else:
+        assert f.size == 8 if f.kind == PTR else f.size in (1, 2, 4, 8)
 
 
 def test_nested_path_is_the_sum_of_its_steps(kbtf):

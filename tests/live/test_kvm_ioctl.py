@@ -12,33 +12,12 @@ import pytest
 from agent.events.model import Cpuid, Perm, VcpuCreate, Xcr0
 from agent.probes.decode import F_CHECKED
 from agent.xstate import PERM_LOCKED
-from kvmctl import ARCH_GET_XCOMP_GUEST_PERM, KVM_SET_XCRS, Vm, arch_prctl_get
-from livecheck import require, require_kvm
-
-
-@pytest.fixture
-def kvm(live):
-    require_kvm()
-    require(live.backend.status["kvm_ioctl"].attached, f"kvm_ioctl probes: {live.backend.status['kvm_ioctl'].reason}")
-    vms = []
-
-    def make():
-        vms.append(Vm())
-        return vms[-1]
-    yield make
-    for vm in vms:
-        vm.close()
-
-
-def _leaf_d0(entries):
-    e = next(e for e in entries if e.function == 0xD and e.index == 0)
-    return e.eax | e.edx << 32
+from kvmctl import ARCH_GET_XCOMP_GUEST_PERM, KVM_SET_XCRS, arch_prctl_get, leaf_d0
+from livecheck import require
 
 
 def _events(live, mark, n, kind):
-    got = live.since(mark, n)
-    assert [type(e) for e, _ in got] == [kind] * n, got
-    return got
+    return live.expect(mark, n, kind)
 
 
 def test_vcpu_create(live, kvm):
@@ -70,7 +49,7 @@ def test_cpuid_reports_leaf_0xd(live, kvm):
     vm = kvm()
     vcpu = vm.create_vcpu(0)
     entries = vm.supported_cpuid()
-    supported = _leaf_d0(entries)
+    supported = leaf_d0(entries)
     mark = live.mark()
     assert vm.set_cpuid(vcpu, entries) == 0
     (e, raw), = _events(live, mark, 1, Cpuid)
@@ -87,7 +66,7 @@ def test_cpuid_partial_and_missing_leaf(live, kvm):
     vm = kvm()
     v1, v2 = vm.create_vcpu(0), vm.create_vcpu(1)
     entries = vm.supported_cpuid()
-    host = _leaf_d0(entries)
+    host = leaf_d0(entries)
     for e in entries:
         if e.function == 0xD and e.index == 0:
             e.eax, e.edx = 0x3, 0  # x87 and SSE only
@@ -114,7 +93,7 @@ def test_host_xcr0_writes(live, kvm):
     vm = kvm()
     vcpu = vm.create_vcpu(0)
     entries = vm.supported_cpuid()
-    supported = _leaf_d0(entries)
+    supported = leaf_d0(entries)
     assert vm.set_cpuid(vcpu, entries) == 0
     assert supported & 0x7 == 0x7, f"this CPU lacks AVX: XCR0 supported {supported:#x}"
     cases = [
@@ -190,4 +169,4 @@ def test_first_vcpu_locks_guest_perm(live, kvm):
 
 
 def test_nothing_lost(live, kvm):
-    assert live.backend.lost() == 0 and live.backend.decode_errors == 0
+    live.assert_nothing_lost()

@@ -1,0 +1,120 @@
+"""VM identities for events: an opaque stable id per VM ("vm-1", ...) in
+place of the kernel's `struct kvm` address, and a human name for labels,
+taken from the VMM's command line (QEMU `-name`, else `-uuid`).
+
+No kernel pointer leaves the agent. Ids are keyed by (tgid, address): an
+address can be reused by a later VM, so the backend calls created() when it
+sees a new VM (KVM_CREATE_VM), which gives the next VM at that address a new
+id, and forget() when the process execs or exits.
+"""
+
+import os
+
+NAME_MAX = 64  # characters of a human name kept (it ends up in metric labels)
+
+
+def _qemu_keyval(value: str, implied: str) -> dict[str, str]:
+    """QEMU's `key=value,key=value` option syntax; a first element without '='
+    belongs to the implied key; ',,' stands for a literal comma."""
+    parts, cur, i = [], [], 0
+    while i < len(value):
+        ch = value[i]
+        if ch == ",":
+            if value[i + 1:i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    out: dict[str, str] = {}
+    for n, part in enumerate(parts):
+        key, eq, val = part.partition("=")
+        if not eq:
+            if n == 0:
+                out.setdefault(implied, part)
+            continue
+        out.setdefault(key, val)
+    return out
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """Value of QEMU option `-name`/`--name` (given as `name`), the last one winning as in QEMU."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg in (f"-{name}", f"--{name}") and i + 1 < len(args):
+            found = args[i + 1]
+    return found
+
+
+def sanitise(name: str) -> str | None:
+    """Printable characters only (others become '_'), trimmed, at most NAME_MAX; None if empty."""
+    name = "".join(ch if ch.isprintable() else "_" for ch in name).strip()[:NAME_MAX]
+    return name or None
+
+
+def name_from_cmdline(cmdline: bytes) -> str | None:
+    """A human VM name from a VMM's /proc/<pid>/cmdline (NUL-separated).
+
+    QEMU: `-name guest=NAME,...` or `-name NAME[,...]` (libvirt passes the
+    former), else `-uuid UUID`. Anything else: None.
+    """
+    args = cmdline.decode("utf-8", "replace").split("\0")
+    if args and args[-1] == "":
+        args.pop()
+    value = _option(args, "name")
+    if value is not None:
+        guest = _qemu_keyval(value, "guest").get("guest")
+        if guest and (name := sanitise(guest)):
+            return name
+    uuid = _option(args, "uuid")
+    return sanitise(uuid) if uuid else None
+
+
+def read_cmdline(tgid: int, proc: str = "/proc") -> bytes | None:
+    try:
+        with open(os.path.join(proc, str(tgid), "cmdline"), "rb") as f:
+            return f.read(65536)
+    except OSError:
+        return None  # gone already, or not ours to read
+
+
+class VmNames:
+    def __init__(self, proc: str = "/proc"):
+        self._ids: dict[tuple[int, int], str] = {}
+        self._names: dict[str, str | None] = {}  # id -> human name
+        self._by_tgid: dict[int, str | None] = {}  # one cmdline read per process
+        self._next = 1
+        self._proc = proc
+
+    def id(self, tgid: int, kvm: int) -> str:
+        """The VM's opaque id, made (and its human name resolved) when first seen."""
+        key = (tgid, kvm)
+        vm = self._ids.get(key)
+        if vm is None:
+            vm = self._ids[key] = f"vm-{self._next}"
+            self._next += 1
+            if tgid not in self._by_tgid:
+                cmdline = read_cmdline(tgid, self._proc)
+                self._by_tgid[tgid] = name_from_cmdline(cmdline) if cmdline else None
+            self._names[vm] = self._by_tgid[tgid]
+        return vm
+
+    def name(self, vm: str) -> str | None:
+        """The human name of VM id `vm` (from its VMM's command line), or None."""
+        return self._names.get(vm)
+
+    def created(self, tgid: int, kvm: int) -> None:
+        """A new VM at `kvm`: if a freed VM had that address, its id is not reused."""
+        vm = self._ids.pop((tgid, kvm), None)
+        if vm is not None:
+            self._names.pop(vm, None)
+
+    def forget(self, tgid: int) -> None:
+        """The process exec'd or exited: its VMs are gone (and its command line may change)."""
+        for key in [k for k in self._ids if k[0] == tgid]:
+            self._names.pop(self._ids.pop(key), None)
+        self._by_tgid.pop(tgid, None)

@@ -1,0 +1,98 @@
+"""VM ids and human names (agent.probes.vmnames): QEMU command-line parsing
+and the id lifecycle, without a kernel."""
+
+import pytest
+
+from agent.probes.vmnames import NAME_MAX, VmNames, name_from_cmdline, sanitise
+
+
+def cmdline(*args: str) -> bytes:
+    return b"".join(a.encode() + b"\0" for a in args)
+
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+@pytest.mark.parametrize("args, name", [
+    # libvirt's form
+    (("-name", "guest=web-01,debug-threads=on"), "web-01"),
+    # the implied key
+    (("-name", "web-01"), "web-01"),
+    (("-name", "web-01,process=qemu-web"), "web-01"),
+    (("--name", "web-01"), "web-01"),
+    # ',,' is a literal comma
+    (("-name", "guest=a,,b,debug-threads=on"), "a,b"),
+    (("-name", "a,,b"), "a,b"),
+    # guest= given after another key
+    (("-name", "process=p,guest=late"), "late"),
+    # the last -name wins, as in QEMU
+    (("-name", "first", "-name", "second"), "second"),
+    # no guest name: the UUID
+    (("-name", "process=p", "-uuid", "0b5a1c2e-1111-4222-8333-444455556666"), "0b5a1c2e-1111-4222-8333-444455556666"),
+    (("-uuid", "0b5a1c2e-1111-4222-8333-444455556666"), "0b5a1c2e-1111-4222-8333-444455556666"),
+    (("--uuid", "u"), "u"),
+    # nothing
+    ((), None),
+    (("-name",), None),  # no value
+    (("-m", "1024"), None),
+    # an empty name falls back to the UUID
+    (("-name", "guest=", "-uuid", "u-1"), "u-1"),
+])
+def test_qemu_names(args, name):
+    assert name_from_cmdline(cmdline(QEMU, *args)) == name
+
+
+def test_values_are_sanitised():
+    assert name_from_cmdline(cmdline(QEMU, "-name", "guest=bad\x1b[31mname\n")) == "bad_[31mname_"
+    assert name_from_cmdline(cmdline(QEMU, "-name", "  padded  ")) == "padded"
+    assert name_from_cmdline(cmdline(QEMU, "-name", "x" * 1000)) == "x" * NAME_MAX
+    assert name_from_cmdline(cmdline(QEMU, "-name", "gäst-名前")) == "gäst-名前"
+    # Not UTF-8: replaced, not fatal.
+    assert name_from_cmdline(QEMU.encode() + b"\0-name\0\xff\xfe\0") == "\ufffd\ufffd"
+    assert sanitise("\x00\x01") == "__" and sanitise("   ") is None
+
+
+def test_cmdline_without_trailing_nul():
+    assert name_from_cmdline(b"qemu\0-name\0vm7") == "vm7"
+
+
+def _proc(tmp_path, pid: int, *args: str):
+    d = tmp_path / str(pid)
+    d.mkdir()
+    (d / "cmdline").write_bytes(cmdline(*args))
+
+
+def test_ids_names_and_forgetting(tmp_path):
+    _proc(tmp_path, 100, QEMU, "-name", "guest=alpha")
+    _proc(tmp_path, 200, "/usr/bin/firecracker")
+    v = VmNames(proc=str(tmp_path))
+    a = v.id(100, 0xFFFF0001)
+    assert a == v.id(100, 0xFFFF0001)  # stable
+    b = v.id(100, 0xFFFF0002)  # a second VM of the same VMM
+    c = v.id(200, 0xFFFF0001)  # same address, another process: another VM
+    assert len({a, b, c}) == 3
+    assert (v.name(a), v.name(b), v.name(c)) == ("alpha", "alpha", None)
+    assert v.id(300, 1) and v.name(v.id(300, 1)) is None  # no such process: no name, still an id
+    v.forget(100)
+    assert v.name(a) is None and v.id(100, 0xFFFF0001) not in (a, b)
+    assert v.id(200, 0xFFFF0001) == c
+
+
+def test_a_new_vm_at_a_freed_address_gets_a_new_id(tmp_path):
+    v = VmNames(proc=str(tmp_path))
+    a = v.id(1, 0xABC)
+    v.created(1, 0xABC)
+    b = v.id(1, 0xABC)
+    assert a != b and v.name(a) is None
+    v.created(1, 0xDEF)  # never seen: nothing to drop
+    assert v.id(1, 0xABC) == b
+
+
+def test_names_are_read_once_per_process(tmp_path):
+    _proc(tmp_path, 5, QEMU, "-name", "one")
+    v = VmNames(proc=str(tmp_path))
+    a = v.id(5, 1)
+    (tmp_path / "5" / "cmdline").write_bytes(cmdline(QEMU, "-name", "two"))
+    assert v.name(v.id(5, 2)) == "one" == v.name(a)
+    v.forget(5)  # e.g. it exec'd: read again
+    assert v.name(v.id(5, 3)) == "two"
