@@ -2,6 +2,7 @@
 
 import enum
 import json
+import os
 import signal
 import sys
 import threading
@@ -98,19 +99,34 @@ def replay_cmd(
         raise typer.Exit(EXIT_VIOLATION)
 
 
+class BackendName(str, enum.Enum):
+    auto = "auto"
+    kprobe = "kprobe"
+    tracepoint = "tracepoint"
+
+
+# No event source could get a probe (live mode): `xstate-agent doctor` says why.
+EXIT_NO_PROBES = 4
+NO_LISTEN = ("", "none", "off")
+
+
 @app.command("run")
 def run_cmd(
     from_: list[str] = typer.Option(None, "--from", metavar="FILE",
                                     help="Drive the pipeline from recorded event logs instead of live probes."),
     follow: bool = typer.Option(False, help="With --from: keep reading the last file as it grows, until stopped."),
+    backend: BackendName = typer.Option(BackendName.auto, help="Live probes: per event source, the first of "
+                                        "kprobe, tracepoint that attaches (auto), or only one of them."),
     profile: ProfileName = typer.Option(ProfileName.upstream, help="Which design to judge against."),
-    events_log: str = typer.Option(None, metavar="PATH", help="Append every event to PATH as spec JSONL."),
+    events_log: str = typer.Option(None, metavar="PATH", help="Append every event to PATH as spec JSONL "
+                                   "(its directory is made if needed; SIGHUP reopens it, for logrotate)."),
     dyn: str = typer.Option(hex(DEFAULT_DYN), help="Mask of the dynamic XSAVE features (DYN).", callback=parse_mask),
     max_processes: int = typer.Option(DEFAULT_MAX_PROCESSES, min=1, help="Most processes tracked at once."),
     max_vcpus: int = typer.Option(DEFAULT_MAX_VCPUS, min=1, help="Most vCPUs tracked at once."),
     listen: str = typer.Option(None, metavar="ADDR:PORT",
                                help=f"Serve /metrics and /healthz there ([ADDR]:PORT; ':PORT' is every interface). "
-                                    f"Live default {DEFAULT_LISTEN}; with --from, only when given."),
+                                    f"Live default {DEFAULT_LISTEN} ('none': no metrics); with --from, only when "
+                                    f"given."),
     web_config: str = typer.Option(None, metavar="FILE",
                                    help="TLS and basic auth for --listen (Prometheus exporter-toolkit format)."),
     vm_label: bool = typer.Option(True, "--vm-label/--no-vm-label",
@@ -118,16 +134,25 @@ def run_cmd(
     max_vms: int = typer.Option(DEFAULT_MAX_VMS, min=1, help="Most VMs with their own vm label; the rest "
                                 "are counted under vm=\"_other\"."),
 ) -> None:
-    """Judge events as they come; violations go to stdout as JSON lines. Stops cleanly on SIGINT/SIGTERM."""
-    if not from_:
-        print("error: live probes are not available in this build yet; use --from FILE", file=sys.stderr)
-        raise typer.Exit(EXIT_INPUT)
+    """Judge events as they come, from the live probes (default) or recorded logs (--from); violations go to
+    stdout as JSON lines. Stops cleanly on SIGINT/SIGTERM. Exit 3: --listen cannot be bound; 4: no probe."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     engine = Engine(profile.value, dyn, max_processes, max_vcpus)
     # Statistics are kept for the metrics server, when there is one.
     stats = Stats(engine, per_vm=vm_label, max_vms=max_vms)
+    if not from_:
+        if follow:
+            print("error: --follow needs --from", file=sys.stderr)
+            raise typer.Exit(EXIT_INPUT)
+        # SIGHUP reopens the events log (logrotate); from the start, so that an early one does not kill us.
+        hup = threading.Event()
+        signal.signal(signal.SIGHUP, lambda *_: hup.set())
+        listen = DEFAULT_LISTEN if listen is None else listen
+        _run_live(engine, stats, stop, hup, backend.value, events_log,
+                  None if listen.lower() in NO_LISTEN else listen, web_config)
+        return
     server = _serve_metrics(stats, listen, web_config)
     try:
         log = EventLog(events_log) if events_log else None
@@ -152,6 +177,72 @@ def run_cmd(
         print(f"{pipeline.events} events judged, {pipeline.violations} violations", file=sys.stderr)
 
 
+def _run_live(engine: Engine, stats: Stats, stop: threading.Event, hup: threading.Event, backend: str,
+              events_log: str | None, listen: str | None, web_config: str | None) -> None:
+    """The live agent: attach, then poll, log and judge until stopped (agent/live.py)."""
+    import time
+
+    from agent.live import LiveEventLog, LiveRunner, NoProbes, Probes, process_age, sd_notify
+
+    def say(msg: str) -> None:
+        print(f"xstate-agent: {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    stats.measure_latency(time.monotonic_ns)  # the probes' ts: bpf_ktime_get_ns, CLOCK_MONOTONIC
+    for stage in ("ringbuf", "reader") + (("events_log",) if events_log else ()):
+        stats.lost(stage, 0)
+    server = _serve_metrics(stats, listen, web_config)
+    log = None
+    if events_log:
+        try:
+            log = LiveEventLog(events_log, stats)
+        except OSError as e:
+            if server is not None:
+                server.stop()
+            print(f"error: events log {events_log}: {e.strerror or e}", file=sys.stderr)
+            raise typer.Exit(EXIT_INPUT) from None
+    runner = LiveRunner(Pipeline(engine, ViolationPrinter(), None, observers=[stats] if server else []),
+                        stats, log)
+    runner.reopen_log = hup
+    probes = runner.probes = Probes(backend, runner.on_event)
+    try:
+        try:
+            probes.start()
+        except NoProbes as e:
+            probes.report_to(stats)
+            print(f"error: {e}", file=sys.stderr)
+            print("error: `xstate-agent doctor` checks what this host allows", file=sys.stderr)
+            raise typer.Exit(EXIT_NO_PROBES) from None
+        probes.report_to(stats)
+        if probes.tracefs_note:
+            say(probes.tracefs_note)
+        for plan in probes.plans.values():
+            if plan.attached:
+                say(f"probe {plan.source}: {plan.backend}" + (f" ({', '.join(plan.kinds)})" if plan.kinds else ""))
+            else:
+                say(f"probe {plan.source}: NOT attached: " + "; ".join(f"{t.backend}: {t.reason}" for t in plan.tried))
+        if log is not None:
+            log.comment(f"xstate-agent {__version__} started pid {os.getpid()} backend {backend} "
+                        f"profile {engine.profile.name}: {probes.summary()}")
+        attached = sum(p.attached for p in probes.plans.values())
+        age = process_age()
+        say(f"ready: {attached}/{len(probes.plans)} event sources attached in {time.perf_counter() - t0:.2f} s"
+            + (f" ({age:.2f} s since the process started)" if age is not None else "")
+            + f": {probes.summary()}" + (f"; events log {log.path}" if log else ""))
+        sd_notify("READY=1")
+        runner.run(stop)
+        sd_notify("STOPPING=1")
+    finally:
+        try:
+            runner.close()
+        finally:
+            if server is not None:
+                server.stop()
+        lost = stats.snapshot().lost
+        print(f"{runner.pipeline.events} events judged, {runner.pipeline.violations} violations, lost: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(lost.items())), file=sys.stderr, flush=True)
+
+
 def _serve_metrics(stats: Stats, listen: str | None, web_config: str | None):
     """The metrics server on `listen`, started; None without `listen`. Exits on a bad address or config."""
     if listen is None:
@@ -170,6 +261,52 @@ def _serve_metrics(stats: Stats, listen: str | None, web_config: str | None):
         raise typer.Exit(EXIT_LISTEN) from None
     print(f"metrics on {server.url}", file=sys.stderr, flush=True)
     return server.start()
+
+
+@app.command("doctor")
+def doctor_cmd(
+    strict: bool = typer.Option(False, help="Exit 1 if any probe fails to attach on a backend this host can run, "
+                                "not only when an event source has none."),
+    backend: BackendName = typer.Option(BackendName.auto, help="The backend choice to check, as `run --backend`."),
+    format: Format = typer.Option(Format.text, "--format", help="A report, or JSON."),
+) -> None:
+    """Load and attach every probe this kernel allows, then report per probe (backend, attached or why not) and
+    the host (BTF, kernel headers, tracefs, privileges, kprobes). Exit 1 if an event source has no working probe."""
+    from agent.doctor import diagnose, render_text
+    report = diagnose(backend.value)
+    if format is Format.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_text(report))
+    if not report["strict_ok" if strict else "ok"]:
+        raise typer.Exit(1)
+
+
+@app.command("selftest")
+def selftest_cmd(
+    events_log: str = typer.Option(None, metavar="PATH", help="The running agent's --events-log "
+                                   "(default: where scripts/run writes it, /var/log/xstate-agent/events.jsonl)."),
+    metrics: str = typer.Option(None, metavar="URL", help="Also check the running agent's /metrics there, e.g. "
+                                f"http://{DEFAULT_LISTEN}/metrics."),
+    timeout: float = typer.Option(5.0, min=0.1, help="Seconds to wait for the agent to report what was done."),
+    format: Format = typer.Option(Format.text, "--format", help="One line per check, or JSON."),
+) -> None:
+    """With the agent running: make real arch_prctl calls, a KVM VM (CPUID, valid and refused XCR0 writes, an XFD
+    write, a hlt guest run) and a child process here, and check that the agent reported each with the right values
+    (read from its events log). Exit 0: every check passed; 1: one failed."""
+    from agent.live import DEFAULT_EVENTS_LOG
+    from agent.selftest import Selftest
+    quiet = format is Format.json
+    test = Selftest(events_log or DEFAULT_EVENTS_LOG, metrics, timeout, say=(lambda _: None) if quiet else print)
+    ok = test.run()
+    if quiet:
+        print(json.dumps({"ok": ok, "pid": os.getpid(), "vm": test.vm_id,
+                          "checks": [r.__dict__ for r in test.results]}, indent=2))
+    else:
+        print(f"selftest: {'ok' if ok else 'FAILED'}: {sum(r.ok for r in test.results)}/{len(test.results)} checks "
+              f"passed (pid {os.getpid()}, events log {test.events_log})")
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command("rules")

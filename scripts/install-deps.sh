@@ -6,6 +6,7 @@
 #   - linux-headers-amd64, merged into one tree that BCC can compile against;
 #   - prometheus (with promtool), prometheus-alertmanager (with amtool),
 #     openssl: the metrics, alert rules and dashboards are tested against them;
+#   - qemu-system-x86: a real VMM the live agent is tested against;
 #   - tracefs mounted (BCC attaches tracepoints through it).
 # Reruns skip apt when the packages are there (no network needed) and rebuild
 # the merged header tree only when the header package version changed.
@@ -19,7 +20,8 @@
 set -euo pipefail
 
 HEADERS_DIR="${XSTATE_AGENT_HEADERS:-/var/lib/xstate-agent/kernel-headers}"
-PACKAGES=(python3-venv python3-pip python3-bpfcc linux-headers-amd64 prometheus prometheus-alertmanager openssl)
+PACKAGES=(python3-venv python3-pip python3-bpfcc linux-headers-amd64 prometheus prometheus-alertmanager openssl
+          qemu-system-x86)
 
 [ "$(id -u)" = 0 ] || { echo "install-deps: must run as root" >&2; exit 1; }
 

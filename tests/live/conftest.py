@@ -138,7 +138,7 @@ def kvm(live):
     """Makes VMs (kvmctl.Vm) that are closed after the test."""
     require_kvm()
     require(live.backend.status["kvm_ioctl"].attached, f"kvm_ioctl probes: {live.backend.status['kvm_ioctl'].reason}")
-    from kvmctl import Vm
+    from agent.kvmctl import Vm
     vms = []
 
     def make():

@@ -6,7 +6,7 @@ import ctypes
 from agent.events.model import Perm
 from agent.probes.decode import F_CHECKED
 from agent.xstate import PERM_LOCKED, XTILEDATA
-from kvmctl import (ARCH_GET_XCOMP_GUEST_PERM, ARCH_GET_XCOMP_PERM, ARCH_GET_XCOMP_SUPP, ARCH_REQ_XCOMP_GUEST_PERM,
+from agent.kvmctl import (ARCH_GET_XCOMP_GUEST_PERM, ARCH_GET_XCOMP_PERM, ARCH_GET_XCOMP_SUPP, ARCH_REQ_XCOMP_GUEST_PERM,
                     ARCH_REQ_XCOMP_PERM, arch_prctl, arch_prctl_get)
 from livecheck import require
 

@@ -9,7 +9,7 @@ import pytest
 from agent.events.model import Perm, Xcr0
 from agent.probes import offsets as offsets_mod
 from agent.probes import tracepoint_backend as tb
-from kvmctl import ARCH_GET_XCOMP_SUPP, Vm, arch_prctl_get
+from agent.kvmctl import ARCH_GET_XCOMP_SUPP, Vm, arch_prctl_get
 from livecheck import require_bpf, require_kvm
 
 

@@ -12,7 +12,7 @@ import pytest
 from agent.events.model import Cpuid, Perm, VcpuCreate, Xcr0
 from agent.probes.decode import F_CHECKED
 from agent.xstate import PERM_LOCKED
-from kvmctl import ARCH_GET_XCOMP_GUEST_PERM, KVM_SET_XCRS, arch_prctl_get, leaf_d0
+from agent.kvmctl import ARCH_GET_XCOMP_GUEST_PERM, KVM_SET_XCRS, arch_prctl_get, leaf_d0
 from livecheck import require
 
 

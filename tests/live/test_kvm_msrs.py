@@ -15,7 +15,7 @@ import pytest
 
 from agent.events.model import Xfd, XfdErr
 from agent.xstate import XTILECFG, XTILEDATA
-from kvmctl import MSR_IA32_XFD, MSR_IA32_XFD_ERR, Vm, leaf, leaf_d0
+from agent.kvmctl import MSR_IA32_XFD, MSR_IA32_XFD_ERR, Vm, leaf, leaf_d0
 
 MSR_IA32_SYSENTER_CS = 0x174  # any MSR KVM always lets the host write
 KVM_MAX_IO_MSRS = 256

@@ -14,7 +14,7 @@ import pytest
 
 from agent.events.model import FpuLoad, Xcr0, Xfd, XfdErr
 from agent.xstate import FP, PERM_LOCKED, SSE, XTILE, XTILECFG, XTILEDATA, YMM
-from kvmctl import (ARCH_GET_XCOMP_GUEST_PERM, ARCH_GET_XCOMP_SUPP, CR4_OSXSAVE, HLT, KVM_CAP_XSAVE2, KVM_EXIT_HLT,
+from agent.kvmctl import (ARCH_GET_XCOMP_GUEST_PERM, ARCH_GET_XCOMP_SUPP, CR4_OSXSAVE, HLT, KVM_CAP_XSAVE2, KVM_EXIT_HLT,
                     KVM_GET_XSAVE2, MSR_IA32_XFD, MSR_IA32_XFD_ERR, WRMSR, XSETBV, Vm, arch_prctl_get, leaf, leaf_d0,
                     mov32, xstate_bv, xstate_standard_size)
 

@@ -8,7 +8,7 @@ import pytest
 
 from agent.events.model import Xsave
 from agent.xstate import FP, SSE, XTILEDATA
-from kvmctl import (KVM_CAP_XSAVE2, KVM_GET_XSAVE, KVM_GET_XSAVE2, KVM_SET_XSAVE, HLT, Vm, leaf_d0, raw_ioctl,
+from agent.kvmctl import (KVM_CAP_XSAVE2, KVM_GET_XSAVE, KVM_GET_XSAVE2, KVM_SET_XSAVE, HLT, Vm, leaf_d0, raw_ioctl,
                     with_xstate_bv, xstate_bv)
 
 MXCSR_OFFSET, MXCSR_DEFAULT = 24, 0x1F80

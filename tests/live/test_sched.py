@@ -43,7 +43,7 @@ libc.syscall(60, 0)  # SYS_exit: this thread only
 VMM = f"""
 import sys
 sys.path.insert(0, {LIVE_DIR!r})
-from kvmctl import Vm
+from agent.kvmctl import Vm
 vm = Vm()
 assert vm.create_vcpu(0) >= 0
 """ + READY_WAIT

@@ -1,5 +1,6 @@
 """Just enough of the KVM and arch_prctl ABIs, through ctypes/fcntl, to drive
-the real kernel paths the probes watch. Layouts: shared/reference/kernel-notes.md §4."""
+the real kernel paths the probes watch (xstate-agent selftest, and the live tests).
+Layouts: shared/reference/kernel-notes.md §4."""
 
 import ctypes
 import errno

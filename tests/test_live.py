@@ -1,0 +1,194 @@
+"""The live runtime's parts without a kernel: backend choice per source, the events log, the reader loop.
+(tests/live/ runs the real thing.)"""
+
+import errno
+import json
+import os
+import sys
+
+import pytest
+
+import agent.live as live
+from agent.events import model as m
+from agent.events.reader import read_files
+from agent.live import LiveEventLog, LiveRunner, NoProbes, Probes, kernel_config
+from agent.pipeline import Pipeline
+from agent.policy.engine import Engine
+from agent.stats import Stats
+from agent.probes.tracepoint_backend import PROBES, Status
+
+
+class FakeTracepoint:
+    """TracepointBackend's API: attaches the groups it is given, except those in `fail`."""
+
+    fail = {"guest_xcr0": "no such tracepoint on this kernel: kvm:kvm_exit"}
+    made = []
+
+    def __init__(self, on_event, groups=()):
+        self.on_event = on_event
+        self.groups = groups
+        self.status = {}
+        self.pending = []
+        self.closed = self.detached = False
+        self.decode_errors = 0
+        self.ring_lost = 0
+        self.vms = type("Names", (), {"name": staticmethod(lambda vm: {"vm-1": "web-1"}.get(vm))})()
+        FakeTracepoint.made.append(self)
+
+    def start(self):
+        for g in self.groups:
+            why = self.fail.get(g)
+            self.status[g] = Status(attached=why is None, reason=why, tracepoints=("cat:tp",))
+
+    def poll(self, timeout_ms=2):
+        pending, self.pending = self.pending, []
+        for ev in pending:
+            self.on_event(ev, None)
+
+    def lost(self):
+        return self.ring_lost
+
+    def detach(self):
+        self.detached = True
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    FakeTracepoint.made = []
+    monkeypatch.setattr(live, "TracepointBackend", FakeTracepoint)
+    monkeypatch.setattr(live, "ensure_tracefs", lambda: ("/sys/kernel/tracing", None))
+    monkeypatch.setattr(live, "kprobe_support", lambda thorough=False: live.KprobeSupport(
+        False, ["/proc/config.gz: CONFIG_KPROBES is not set"]))
+    return FakeTracepoint
+
+
+def test_auto_gives_each_source_one_backend(fake):
+    p = Probes("auto", lambda ev, raw=None: None)
+    p.start()
+    assert len(fake.made) == 1 and fake.made[0].groups == tuple(PROBES)
+    for s, plan in p.plans.items():
+        # kprobe tried first, unavailable; then the tracepoint backend, once.
+        assert [t.backend for t in plan.tried] == ["kprobe", "tracepoint"]
+        assert plan.tried[0].reason == "this kernel has no kprobes" and plan.tried[0].backend_unavailable
+        assert plan.backend == (None if s == "guest_xcr0" else "tracepoint")
+    # The kprobe fallback is no failure; the tracepoint that could not attach is.
+    assert [(s, t.backend) for s, t in p.failures()] == [("guest_xcr0", "tracepoint")]
+
+
+def test_only_kprobe_on_a_kernel_without_kprobes(fake):
+    p = Probes("kprobe", lambda ev, raw=None: None)
+    with pytest.raises(NoProbes, match=r"kprobe: this kernel has no kprobes \[/proc/config.gz: CONFIG_KPROBES is "
+                                       r"not set\] \(every source\)"):
+        p.start()
+    assert fake.made == []
+
+
+def test_probes_reported_to_the_statistics(fake):
+    p = Probes("auto", lambda ev, raw=None: None)
+    p.start()
+    stats = Stats(Engine())
+    p.report_to(stats)
+    snap = stats.snapshot()
+    assert snap.probes[("kvm_ioctl", "tracepoint")] == 1 and snap.probes[("kvm_ioctl", "kprobe")] == 0
+    assert snap.probes[("guest_xcr0", "tracepoint")] == 0
+    # xcr0 still has kvm_ioctl (host writes); guest_xcr0 adds nothing while detached.
+    assert snap.sources["xcr0"] == 1 and snap.sources["perm"] == 1 and snap.sources["fpu_load"] == 1
+
+
+def _perm(ts, tgid=7, **kw):
+    return m.Perm(v=1, ts=ts, tgid=tgid, option=kw.pop("option", "GET_XCOMP_SUPP"), ret=kw.pop("ret", 0), **kw)
+
+
+def test_events_log_appends_with_line_numbers(tmp_path):
+    path = tmp_path / "sub" / "events.jsonl"
+    log = LiveEventLog(str(path))
+    log.comment("run 1")
+    assert log.write([_perm(1, mask=3), _perm(2, mask=3)]) == [2, 3]
+    log.close()
+    with open(path, "ab") as f:
+        f.write(b'{"v":1,"ts":3,"kind":"exit"')  # a line cut short by a crash
+    log = LiveEventLog(str(path))
+    # The cut line is ended (and stays invalid: replay stops there); ours start on the next.
+    assert log.write([_perm(4)]) == [5]
+    log.close()
+    assert path.read_bytes().count(b"\n") == 5
+
+
+def test_a_failed_write_loses_the_batch_and_nothing_else(tmp_path):
+    path = tmp_path / "events.jsonl"
+    stats = Stats(Engine())
+    warnings = []
+    log = LiveEventLog(str(path), stats, warn=warnings.append)
+    assert log.write([_perm(1)]) == [1]
+    real = log._write
+
+    calls = []
+
+    def disk_full(fd, data):  # half a batch goes in, then ENOSPC
+        calls.append(len(data))
+        if len(calls) % 2:
+            return real(fd, bytes(data[:len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    log._write = disk_full
+    assert log.write([_perm(2), _perm(3)]) is None
+    assert log.write([_perm(4)]) is None
+    log._write = real
+    assert log.write([_perm(5)]) == [2]
+    log.close()
+    assert log.lost == 3 and stats.snapshot().lost["events_log"] == 3
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    # The file holds whole lines only: the events that went in.
+    (_, events, _), = read_files([str(path)])
+    assert [e.ts for e in events] == [1, 5]
+
+
+def test_reopen_after_rotation(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = LiveEventLog(str(path))
+    log.write([_perm(1)])
+    os.rename(path, tmp_path / "events.jsonl.1")
+    log.reopen()
+    assert log.write([_perm(2)]) == [1]
+    log.close()
+    assert path.read_text().count("\n") == 1
+
+
+def test_runner_logs_judges_and_points_violations_into_the_log(fake, tmp_path, capsys):
+    from agent.pipeline import ViolationPrinter
+    engine = Engine()
+    stats = Stats(engine)
+    log = LiveEventLog(str(tmp_path / "events.jsonl"), stats)
+    runner = LiveRunner(Pipeline(engine, ViolationPrinter(sys.stdout), None, observers=[stats]), stats, log)
+    runner.probes = Probes("tracepoint", runner.on_event)
+    runner.probes.start()
+    backend = fake.made[0]
+    vcpu = dict(v=1, tgid=9, vm="vm-1", vcpu=0)
+    backend.pending = [
+        m.VcpuCreate(ts=1, ret=0, **vcpu),
+        m.Cpuid(ts=2, xcr0_supported=0x7, ret=0, **vcpu),
+        m.Xcr0(ts=3, value=0x40007, source="host", ret=0, **vcpu),  # accepted beyond what CPUID allows
+    ]
+    backend.ring_lost = 5
+    assert runner.step(0) == 3
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert out and all(v["file"] == log.path and v["line"] == 3 for v in out)
+    snap = stats.snapshot()
+    assert snap.lost["ringbuf"] == 5
+    assert ("web-1" in snap.vms) and snap.events[("xcr0", "host", "accepted")] == 1
+    backend.pending = [m.Exit(v=1, ts=4, tgid=9)]
+    runner.close()
+    assert backend.detached and backend.closed
+    assert runner.pipeline.events == 4 and runner._names == {}
+    (_, events, _), = read_files([log.path])
+    assert [e.kind for e in events] == ["vcpu_create", "cpuid", "xcr0", "exit"]
+
+
+def test_kernel_config_of_an_unknown_option():
+    release = os.uname().release
+    value, where = kernel_config("CONFIG_SURELY_NOT_AN_OPTION_XYZ")
+    assert (value, where) in ((None, None), ("n", where))
+    if where:
+        assert where in ("/proc/config.gz", f"/boot/config-{release}", f"/lib/modules/{release}/config")
