@@ -7,6 +7,9 @@
 #   - prometheus (with promtool), prometheus-alertmanager (with amtool),
 #     openssl: the metrics, alert rules and dashboards are tested against them;
 #   - qemu-system-x86: a real VMM the live agent is tested against;
+#   - busybox-static: the initramfs of tests/vm/run-kernel, which boots
+#     Debian's 6.1 and 6.12 kernels under QEMU (it fetches those kernels and
+#     their headers into its own cache, installing nothing);
 #   - tracefs mounted (BCC attaches tracepoints through it).
 # Reruns skip apt when the packages are there (no network needed) and rebuild
 # the merged header tree only when the header package version changed.
@@ -21,7 +24,7 @@ set -euo pipefail
 
 HEADERS_DIR="${XSTATE_AGENT_HEADERS:-/var/lib/xstate-agent/kernel-headers}"
 PACKAGES=(python3-venv python3-pip python3-bpfcc linux-headers-amd64 prometheus prometheus-alertmanager openssl
-          qemu-system-x86)
+          qemu-system-x86 busybox-static)
 
 [ "$(id -u)" = 0 ] || { echo "install-deps: must run as root" >&2; exit 1; }
 
