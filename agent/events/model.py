@@ -3,7 +3,9 @@
 msgspec validates types, ranges and choices in C while it decodes, which is
 what lets replay judge more than half a million events a second. Masks are
 held as ints; on the wire they are "0x..." strings (ints are accepted too),
-converted in __post_init__ because msgspec has no hex-integer type.
+converted in __post_init__ because msgspec has no hex-integer type. That is
+the one piece of Python run per event while decoding, so it is kept to a
+dict lookup per mask (_MASKS).
 """
 
 from typing import Annotated, ClassVar, Literal, Union
@@ -32,21 +34,72 @@ PERM_OPTIONS = (
 Option = Literal[PERM_OPTIONS]
 
 
-def _mask(value: Mask, field: str) -> int:
+def _parse_mask(value) -> int | None:
+    """The value of a mask as written (a '0x' hex string or an int), None if it is not one."""
     if type(value) is int:
-        if 0 <= value <= MASK64:
-            return value
-    elif value[:2] in ("0x", "0X") and 2 < len(value) and value.isascii() and value[2:].isalnum():
+        return value if 0 <= value <= MASK64 else None
+    if isinstance(value, str) and value[:2] in ("0x", "0X") and 2 < len(value) and value.isascii() \
+            and value[2:].isalnum():
         try:
             number = int(value[2:], 16)
         except ValueError:
-            pass
-        else:
-            if number <= MASK64:
-                return number
-    raise ValueError(
-        f"Expected a mask (a '0x' hex string or an integer from 0 to 2^64-1), got {value!r} - at `$.{field}`"
-    )
+            return None
+        return number if number <= MASK64 else None
+    return None
+
+
+def _mask(value: Mask, field: str) -> int:
+    number = _parse_mask(value)
+    if number is None:
+        raise ValueError(
+            f"Expected a mask (a '0x' hex string or an integer from 0 to 2^64-1), got {value!r} - at `$.{field}`"
+        )
+    return number
+
+
+class _MaskCache(dict):
+    """Mask strings seen so far -> their values.
+
+    A log repeats a handful of masks: one dict lookup instead of parsing takes
+    most of the cost out of __post_init__, which runs for every event. Only
+    valid strings are kept, and no more than LIMIT, so input cannot grow it.
+    Ints are checked every time (never cached: True == 1 must stay an error).
+    A miss that is not a valid mask raises KeyError; the caller then calls
+    _mask() for the error message with the field's name.
+    """
+
+    LIMIT = 4096
+
+    def __missing__(self, value):
+        number = _parse_mask(value)
+        if number is None:
+            raise KeyError(value)
+        if type(value) is str and len(self) < self.LIMIT:
+            self[value] = number
+        return number
+
+
+_MASKS = _MaskCache()
+# Every bit but the kernel's lock flag, computed once.
+_UNLOCKED = MASK64 & ~PERM_LOCKED
+
+
+def _hex(value: Mask, field: str) -> int:
+    """A mask's value: known from _MASKS or parsed there, else ValueError naming the field."""
+    try:
+        return _MASKS[value]
+    except (KeyError, TypeError):
+        return _mask(value, field)
+
+
+# The kinds of nearly every event do _hex() inline: a call costs more than the lookup.
+
+def _value_post_init(self):
+    """__post_init__ of the kinds whose mask is `value`."""
+    try:
+        self.value = _MASKS[self.value]
+    except (KeyError, TypeError):
+        self.value = _mask(self.value, "value")
 
 
 # None defaults with non-optional types: a field may be absent, but an
@@ -78,7 +131,7 @@ class Perm(Event, tag="perm"):
 
     def __post_init__(self):
         if self.mask is not None:
-            self.mask = _mask(self.mask, "mask")
+            self.mask = _hex(self.mask, "mask")
 
 
 class VcpuCreate(VcpuEvent, tag="vcpu_create"):
@@ -97,7 +150,7 @@ class Cpuid(VcpuEvent, tag="cpuid"):
     ret: Ret
 
     def __post_init__(self):
-        self.xcr0_supported = _mask(self.xcr0_supported, "xcr0_supported")
+        self.xcr0_supported = _hex(self.xcr0_supported, "xcr0_supported")
 
 
 class Xcr0(VcpuEvent, tag="xcr0"):
@@ -107,8 +160,7 @@ class Xcr0(VcpuEvent, tag="xcr0"):
     source: Literal["guest", "host"]
     ret: Ret
 
-    def __post_init__(self):
-        self.value = _mask(self.value, "value")
+    __post_init__ = _value_post_init
 
 
 class Xfd(VcpuEvent, tag="xfd"):
@@ -118,8 +170,7 @@ class Xfd(VcpuEvent, tag="xfd"):
     source: Literal["guest", "host"]
     ret: Ret
 
-    def __post_init__(self):
-        self.value = _mask(self.value, "value")
+    __post_init__ = _value_post_init
 
 
 class XfdErr(VcpuEvent, tag="xfd_err"):
@@ -129,8 +180,7 @@ class XfdErr(VcpuEvent, tag="xfd_err"):
     source: Literal["nm", "guest", "host"]
     ret: Ret
 
-    def __post_init__(self):
-        self.value = _mask(self.value, "value")
+    __post_init__ = _value_post_init
 
 
 class Fpstate(Event, tag="fpstate"):
@@ -144,7 +194,7 @@ class Fpstate(Event, tag="fpstate"):
     vcpu: VcpuId = None
 
     def __post_init__(self):
-        self.features = _mask(self.features, "features")
+        self.features = _hex(self.features, "features")
         if self.guest and (self.vm is None or self.vcpu is None):
             missing = "vm" if self.vm is None else "vcpu"
             raise ValueError(f"Object missing required field `{missing}` (required when `guest` is true)")
@@ -159,11 +209,18 @@ class FpuLoad(VcpuEvent, tag="fpu_load"):
     guest_perm: Mask = None
 
     def __post_init__(self):
-        self.guest_features = _mask(self.guest_features, "guest_features")
-        self.xfd = _mask(self.xfd, "xfd")
+        # _hex() inline (see _value_post_init).
+        try:
+            self.guest_features = _MASKS[self.guest_features]
+        except (KeyError, TypeError):
+            self.guest_features = _mask(self.guest_features, "guest_features")
+        try:
+            self.xfd = _MASKS[self.xfd]
+        except (KeyError, TypeError):
+            self.xfd = _mask(self.xfd, "xfd")
         if self.guest_perm is not None:
             # The spec says producers drop the kernel's lock flag; never let it count as a feature.
-            self.guest_perm = _mask(self.guest_perm, "guest_perm") & ~PERM_LOCKED
+            self.guest_perm = _hex(self.guest_perm, "guest_perm") & _UNLOCKED
 
 
 class Passthrough(VcpuEvent, tag="passthrough"):
@@ -180,7 +237,7 @@ class Xsave(VcpuEvent, tag="xsave"):
     ret: Ret
 
     def __post_init__(self):
-        self.xstate_bv = _mask(self.xstate_bv, "xstate_bv")
+        self.xstate_bv = _hex(self.xstate_bv, "xstate_bv")
 
 
 class Exec(Event, tag="exec"):

@@ -69,44 +69,56 @@ def _slow(block: bytes, name: str, first_line: int) -> Iterator[tuple[list[Event
         yield events, lines
 
 
-def _fast(block: bytes) -> list[Event] | None:
+def _newlines(block: bytes) -> int:
+    # Not block.count(b"\n"): in CPython 3.11 counting one byte is a plain
+    # byte loop, while replace() finds it with memchr, some 5x faster here.
+    return len(block) - len(block.replace(b"\n", b""))
+
+
+def _fast(block: bytes, newlines: int) -> list[Event] | None:
     """The whole block in one call, when it is plain: else None."""
     # Plain: every line starts with "{" and ends with "}" (so no comment, no
     # blank line, and no JSON value can span a newline, since "}" whitespace
     # "{" never occurs inside one value).
-    if block[:1] != b"{" or block[-1:] != b"}" or block.count(b"}\n{") != block.count(b"\n"):
+    if block[:1] != b"{" or block[-1:] != b"}" or block.count(b"}\n{") != newlines:
         return None
     try:
-        block.decode("utf-8")
+        if not block.isascii():
+            block.decode("utf-8")
         events = _decoder.decode_lines(block)
     except (UnicodeDecodeError, msgspec.ValidationError, msgspec.DecodeError):
         return None
-    # A whitespace-only line or two objects on one line would shift line numbers.
-    return events if len(events) == block.count(b"\n") + 1 else None
+    # Two objects on one line would shift line numbers.
+    return events if len(events) == newlines + 1 else None
 
 
 def read_stream(stream, name: str) -> Iterator[tuple[list[Event], Iterable[int]]]:
     """Batches of (events, their 1-based line numbers) from a binary stream."""
     line = 1
-    tail = b""
+    pieces: list[bytes] = []  # what was read since the last newline
     while True:
         chunk = stream.read(BLOCK)
-        data = tail + chunk if tail else chunk
         if not chunk:
+            data = b"".join(pieces)
             if data:
-                yield from _block(data, name, line)
+                yield from _block(data, name, line, _newlines(data))
             return
-        cut = data.rfind(b"\n")
+        cut = chunk.rfind(b"\n")
         if cut < 0:
-            tail = data
+            # Joined once the line ends: a line longer than a block costs linear
+            # time, not a copy of all of it so far at every read.
+            pieces.append(chunk)
             continue
-        block, tail = data[:cut], data[cut + 1:]
-        yield from _block(block, name, line)
-        line += block.count(b"\n") + 1
+        pieces.append(chunk[:cut])
+        block = b"".join(pieces)
+        pieces = [chunk[cut + 1:]]
+        newlines = _newlines(block)
+        yield from _block(block, name, line, newlines)
+        line += newlines + 1
 
 
-def _block(block: bytes, name: str, line: int) -> Iterator[tuple[list[Event], Iterable[int]]]:
-    events = _fast(block)
+def _block(block: bytes, name: str, line: int, newlines: int) -> Iterator[tuple[list[Event], Iterable[int]]]:
+    events = _fast(block, newlines)
     if events is not None:
         yield events, range(line, line + len(events))
     else:

@@ -42,46 +42,95 @@ class Engine:
         self.state = Tracker(max_processes, max_vcpus)
         # Refused operations are counted, not judged (but for the rules about refusals).
         self.refused: Counter = Counter()
-        self._checks = {}
+        checks: dict = {}
         for r in self.rules:
             for kind in r.kinds:
-                self._checks.setdefault(kind, []).append((r, r.check))
-        handlers = {
-            Perm: self._perm, VcpuCreate: self._vcpu_create, VcpuDestroy: self._vcpu_destroy,
-            Cpuid: self._cpuid, Xcr0: self._xcr0, Xfd: self._xfd, XfdErr: self._xfd_err,
-            Fpstate: self._fpstate, FpuLoad: self._fpu_load, Passthrough: self._passthrough,
-            Xsave: self._xsave, Exec: self._exec, Exit: self._exit,
+                checks.setdefault(kind, []).append((r, r.check))
+        # How each kind is judged, in judge(): find the process and vCPU (None: a
+        # vCPU event, found in judge() itself), what the event hides before the
+        # checks, the checks alone (the loop that finds nothing), the (rule,
+        # check) pairs, and the update of the state after the checks.
+        vcpu_event = None
+        kinds = {
+            Perm: (self._proc_of, None, self._perm),
+            VcpuCreate: (self._proc_of, None, self._vcpu_create),
+            VcpuDestroy: (self._proc_of, None, self._vcpu_destroy),
+            Cpuid: (vcpu_event, None, self._cpuid),
+            Xcr0: (vcpu_event, None, self._xcr0),
+            Xfd: (vcpu_event, self._xfd_before, self._xfd),
+            XfdErr: (vcpu_event, self._xfd_err_before, self._xfd_err),
+            Fpstate: (self._fpstate_of, None, self._fpstate),
+            FpuLoad: (vcpu_event, None, self._fpu_load),
+            Passthrough: (vcpu_event, None, self._passthrough),
+            Xsave: (vcpu_event, None, self._xsave),
+            Exec: (self._proc_of, None, self._exec),
+            Exit: (self._nothing_of, None, self._exit),
         }
-        self._handlers = {t: (h, tuple(self._checks.get(t, ()))) for t, h in handlers.items()}
+        self._kinds = {
+            t: (locate, before, tuple(f for _, f in checks.get(t, ())), tuple(checks.get(t, ())), update)
+            for t, (locate, before, update) in kinds.items()
+        }
+        # The tracker's maps, which judge() reads for nearly every event.
+        self._procs = self.state.procs
+        self._vcpus = self.state.vcpus
+        self._index = self.state.index
 
     def judge(self, ev: Event) -> list[Violation] | tuple:
         """Violations that `ev` causes, in rule order; state then moves past it."""
-        handler, checks = self._handlers[type(ev)]
-        return handler(ev, checks)
-
-    def _run(self, checks, ev, p, c):
+        locate, before, fns, pairs, update = self._kinds[type(ev)]
+        if locate is None:
+            # A vCPU event (nearly every event): Tracker.proc() then Tracker.vcpu(), inline
+            # for speed, the vCPU found through Tracker.index and moved by its own key.
+            try:
+                c = self._index[ev.tgid][ev.vm][ev.vcpu]
+            except KeyError:
+                st = self.state
+                c = st.vcpu(st.proc(ev.tgid), ev.vm, ev.vcpu)
+            else:
+                key = c.key
+                # Tracked, so its process is: the tracker forgets a process's vCPUs with it.
+                self._procs.move_to_end(key[0])
+                self._vcpus.move_to_end(key)
+            p = c.proc
+        else:
+            p, c = locate(ev)
+        if before is not None:
+            before(ev, c)
         out = NONE
         m = self.profile
-        for r, check in checks:
-            message = check(ev, p, c, m)
-            if message:
-                if out is NONE:
-                    out = []
-                out.append(Violation(r, ev, message))
+        for check in fns:
+            if check(ev, p, c, m):
+                # Rare: checks are pure, so run them all again for the messages, in rule order.
+                out = [Violation(r, ev, message) for r, f in pairs if (message := f(ev, p, c, m))]
+                break
+        update(ev, p, c)
         return out
 
-    def _vcpu(self, ev):
-        """The process and the vCPU of a vCPU event."""
-        st = self.state
-        p = st.proc(ev.tgid)
-        c = st.vcpu(p, ev.vm, ev.vcpu)
-        return p, c
+    # Where the events that are not plain vCPU events act.
 
-    # One handler per kind: check against the state before the event, then update.
+    def _proc_of(self, ev):
+        return self.state.proc(ev.tgid), None
 
-    def _perm(self, ev, checks):
+    def _fpstate_of(self, ev):
         p = self.state.proc(ev.tgid)
-        out = self._run(checks, ev, p, None)
+        return p, self.state.vcpu(p, ev.vm, ev.vcpu) if ev.guest else None
+
+    def _nothing_of(self, ev):
+        return None, None
+
+    # What the guest may have done unseen before the event, hidden before the checks.
+
+    def _xfd_before(self, ev, c):
+        if ev.source == "guest" and c.passthrough is not False:
+            c.xfd = None
+
+    def _xfd_err_before(self, ev, c):
+        if ev.source in _GUEST_SIDE and c.passthrough is not False:
+            c.xfd = None
+
+    # One update per kind, after the checks.
+
+    def _perm(self, ev, p, c):
         fam = self.profile.family.get(ev.option)
         if ev.ret != 0:
             self.refused["perm"] += 1
@@ -98,82 +147,54 @@ class Engine:
                 p.allowed[fam] = ev.mask
                 p.exact[fam] = True
                 p.granted[fam] |= ev.mask
-        return out
 
-    def _vcpu_create(self, ev, checks):
-        p = self.state.proc(ev.tgid)
+    def _vcpu_create(self, ev, p, c):
         if ev.ret == 0:
             self.state.create_vcpu(p, ev.vm, ev.vcpu)
         else:
             self.refused["vcpu_create"] += 1
-        return NONE
 
-    def _vcpu_destroy(self, ev, checks):
-        self.state.proc(ev.tgid)
+    def _vcpu_destroy(self, ev, p, c):
         self.state.destroy_vcpu(ev.tgid, ev.vm, ev.vcpu)
-        return NONE
 
-    def _cpuid(self, ev, checks):
-        p, c = self._vcpu(ev)
-        out = self._run(checks, ev, p, c)
+    def _cpuid(self, ev, p, c):
         if ev.ret == 0:
             c.supported = ev.xcr0_supported
         else:
             self.refused["cpuid"] += 1
-        return out
 
-    def _xcr0(self, ev, checks):
-        p, c = self._vcpu(ev)
-        out = self._run(checks, ev, p, c)
+    def _xcr0(self, ev, p, c):
         if ev.ret == 0:
             c.xcr0 = ev.value
         else:
             self.refused["xcr0"] += 1
-        return out
 
-    def _xfd(self, ev, checks):
-        p, c = self._vcpu(ev)
-        guest = ev.source == "guest"
-        if guest and c.passthrough is not False:
-            c.xfd = None
-        out = self._run(checks, ev, p, c)
+    def _xfd(self, ev, p, c):
         if ev.ret == 0:
             c.xfd = c.last_xfd_write = ev.value
             if ev.value and self.profile.upstream:
                 # The kernel drops XFD write interception on the first non-zero write, for good.
                 c.passthrough = c.nonzero_xfd = True
-            if guest and c.passthrough is not False:
+            if ev.source == "guest" and c.passthrough is not False:
                 # The guest goes on running, writing XFD unseen.
                 c.xfd = None
         else:
             self.refused["xfd"] += 1
-        return out
 
-    def _xfd_err(self, ev, checks):
-        p, c = self._vcpu(ev)
-        if ev.source in _GUEST_SIDE and c.passthrough is not False:
-            c.xfd = None
-        out = self._run(checks, ev, p, c)
+    def _xfd_err(self, ev, p, c):
         if ev.ret == 0:
             c.xfd_err = ev.value
         else:
             self.refused["xfd_err"] += 1
-        return out
 
-    def _fpstate(self, ev, checks):
-        p = self.state.proc(ev.tgid)
-        c = self.state.vcpu(p, ev.vm, ev.vcpu) if ev.guest else None
-        out = self._run(checks, ev, p, c)
+    def _fpstate(self, ev, p, c):
         if ev.ret != 0:
             self.refused["fpstate"] += 1
         elif c is not None:
             # Unknown before: the buffer now has at least these features.
             c.guest_features = (c.guest_features or 0) | ev.features
-        return out
 
-    def _fpu_load(self, ev, checks):
-        p, c = self._vcpu(ev)
-        out = self._run(checks, ev, p, c)
+    def _fpu_load(self, ev, p, c):
         c.guest_features = ev.guest_features
         # The guest runs now: with passthrough on (or unknown) it may change XFD unseen.
         c.xfd = ev.xfd if c.passthrough is False else None
@@ -181,11 +202,8 @@ class Engine:
             g = self.profile.guest
             p.allowed[g] = ev.guest_perm
             p.exact[g] = True
-        return out
 
-    def _passthrough(self, ev, checks):
-        p, c = self._vcpu(ev)
-        out = self._run(checks, ev, p, c)
+    def _passthrough(self, ev, p, c):
         if ev.enabled:
             if c.passthrough is not True:
                 # Switched on in a guest trap, the guest resumes and may write XFD unseen
@@ -195,21 +213,14 @@ class Engine:
         else:
             c.passthrough = False
             c.xfd = c.last_xfd_write = None
-        return out
 
-    def _xsave(self, ev, checks):
-        p, c = self._vcpu(ev)
-        out = self._run(checks, ev, p, c)
+    def _xsave(self, ev, p, c):
         if ev.ret != 0:
             self.refused["xsave"] += 1
-        return out
 
-    def _exec(self, ev, checks):
-        p = self.state.proc(ev.tgid)
+    def _exec(self, ev, p, c):
         self.state.forget_vcpus(p)
         p.reset_permissions()
-        return NONE
 
-    def _exit(self, ev, checks):
+    def _exit(self, ev, p, c):
         self.state.forget(ev.tgid)
-        return NONE

@@ -10,7 +10,8 @@ REFERENCE = "reference"
 PROFILES = (UPSTREAM, REFERENCE)
 
 
-@dataclass(frozen=True)
+# Slots and a plain `upstream` field: rules read these on nearly every event.
+@dataclass(frozen=True, slots=True)
 class Profile:
     name: str
     dyn: int = DEFAULT_DYN
@@ -19,10 +20,10 @@ class Profile:
     # dynamic_state_perm); upstream keeps perm and guest_perm apart.
     family: dict = field(default_factory=dict)
     guest: int = GUEST
+    upstream: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def upstream(self) -> bool:
-        return self.name == UPSTREAM
+    def __post_init__(self):
+        object.__setattr__(self, "upstream", self.name == UPSTREAM)
 
     def allowed(self, p: Proc) -> int | None:
         """The allowed dynamic set, or None while it is not exactly known."""

@@ -7,6 +7,7 @@ returns None when an input it needs is unknown.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from agent.events import (
     Cpuid, Fpstate, FpuLoad, Passthrough, Perm, Xcr0, Xfd, XfdErr, Xsave,
@@ -53,6 +54,10 @@ def h(x: int) -> str:
     return f"{x:#x}"
 
 
+# A guest writes the same few XCR0 values over and over: the answer is cached (in C).
+_xcr0_invalid_reason = lru_cache(maxsize=1024)(xcr0_invalid_reason)
+
+
 @rule("XS001", CRITICAL, BOTH, (Xcr0,),
       "an accepted xcr0 write has dynamic bits outside the process's allowed dynamic set",
       "All dynamic features have to be arch_prctl'd first.")
@@ -85,7 +90,7 @@ def xs003(ev, p, c, m):
       "an accepted xcr0 value is architecturally invalid",
       "(Intel SDM, XSETBV)")
 def xs004(ev, p, c, m):
-    if ev.ret == 0 and (why := xcr0_invalid_reason(ev.value)):
+    if ev.ret == 0 and (why := _xcr0_invalid_reason(ev.value)):
         return f"XCR0 {h(ev.value)} was accepted although {why}; expected #GP / -EINVAL"
 
 
@@ -119,7 +124,9 @@ def xs007(ev, p, c, m):
       "at fpu_load, xcr0 & ~xfd & DYN is not inside guest_features: the guest can touch state with no buffer",
       "if a dynamic state has XCR0[n]=1 and XFD[n]=0, the state for bit n is allocated in guest_fpu")
 def xs008(ev, p, c, m):
-    if c.xcr0 is not None and (bad := c.xcr0 & ~ev.xfd & m.dyn & ~ev.guest_features):
+    # Cheapest test first: a buffer with room for every dynamic bit of XCR0 (the healthy case).
+    if c.xcr0 is not None and (dyn := c.xcr0 & m.dyn) & ev.guest_features != dyn \
+            and (bad := dyn & ~ev.xfd & ~ev.guest_features):
         return (f"guest runs with XCR0 {h(c.xcr0)} and XFD {h(ev.xfd)}, so it can use dynamic "
                 f"features {h(bad)}, but its buffer only has room for {h(ev.guest_features)}")
 
@@ -129,7 +136,8 @@ def xs008(ev, p, c, m):
       "if passthrough is enabled, the XCR0 write trap must still ensure that dynamic state is allocated "
       "for all bits enabled in guest_xcr0")
 def xs009(ev, p, c, m):
-    if c.passthrough is True and c.xcr0 is not None and (bad := c.xcr0 & m.dyn & ~ev.guest_features):
+    if c.passthrough is True and c.xcr0 is not None and (dyn := c.xcr0 & m.dyn) & ev.guest_features != dyn:
+        bad = dyn & ~ev.guest_features
         return (f"XFD passthrough is on and XCR0 {h(c.xcr0)} enables dynamic features {h(bad)}, "
                 f"but the guest buffer only has room for {h(ev.guest_features)}")
 

@@ -36,9 +36,12 @@ class Proc:
 
 class VCpu:
     __slots__ = ("xcr0", "xfd", "xfd_err", "supported", "guest_features", "passthrough",
-                 "last_xfd_write", "nonzero_xfd")
+                 "last_xfd_write", "nonzero_xfd", "proc", "key")
 
-    def __init__(self, created: bool):
+    def __init__(self, created: bool, proc: Proc | None = None):
+        # The owner and the tracker's key, so that one lookup in Tracker.index finds all three.
+        self.proc = proc
+        self.key = None
         if created:
             # The state right after an observed KVM_CREATE_VCPU.
             self.xcr0, self.xfd, self.xfd_err = 1, 0, 0
@@ -61,6 +64,9 @@ class Tracker:
         self.max_vcpus = max_vcpus
         self.procs: OrderedDict[int, Proc] = OrderedDict()
         self.vcpus: OrderedDict[tuple, VCpu] = OrderedDict()
+        # The same vCPUs by tgid, vm, then vCPU id: an event finds its vCPU without
+        # building (and hashing, twice) a key tuple. Engine.judge() reads it.
+        self.index: dict[int, dict[str, dict[int, VCpu]]] = {}
         self.evicted_processes = 0
         self.evicted_vcpus = 0
 
@@ -79,7 +85,7 @@ class Tracker:
         key = (p.tgid, vm, vcpu)
         c = self.vcpus.get(key)
         if c is None:
-            c = self._add(p, key, VCpu(False))
+            c = self._add(p, key, VCpu(False, p))
             # A vCPU exists, so the process has created one.
             p.vcpu_created = True
         else:
@@ -90,28 +96,43 @@ class Tracker:
         key = (p.tgid, vm, vcpu)
         self.vcpus.pop(key, None)
         p.vcpu_created = True
-        return self._add(p, key, VCpu(True))
+        return self._add(p, key, VCpu(True, p))
 
     def _add(self, p: Proc, key: tuple, c: VCpu) -> VCpu:
+        c.key = key
         self.vcpus[key] = c
         p.vcpus.add(key)
+        self.index.setdefault(key[0], {}).setdefault(key[1], {})[key[2]] = c
         if len(self.vcpus) > self.max_vcpus:
             old, _ = self.vcpus.popitem(last=False)
+            self._unindex(old)
             owner = self.procs.get(old[0])
             if owner is not None:
                 owner.vcpus.discard(old)
             self.evicted_vcpus += 1
         return c
 
+    def _unindex(self, key: tuple) -> None:
+        vms = self.index[key[0]]
+        ids = vms[key[1]]
+        del ids[key[2]]
+        if not ids:
+            del vms[key[1]]
+            if not vms:
+                del self.index[key[0]]
+
     def destroy_vcpu(self, tgid: int, vm: str, vcpu: int) -> None:
         key = (tgid, vm, vcpu)
         if self.vcpus.pop(key, None) is not None:
+            self._unindex(key)
             self.procs[tgid].vcpus.discard(key)
 
     def forget_vcpus(self, p: Proc) -> None:
         for key in p.vcpus:
             del self.vcpus[key]
         p.vcpus.clear()
+        # All of the process's vCPUs, and only they, are under its tgid.
+        self.index.pop(p.tgid, None)
 
     def forget(self, tgid: int) -> None:
         p = self.procs.pop(tgid, None)
