@@ -26,7 +26,8 @@ class Summary:
         st = engine.state
         return (f"{self.events} events judged ({sum(engine.refused.values())} refused), "
                 f"{self.violations} violations ({sev}); profile {engine.profile.name}; "
-                f"evicted {st.evicted_processes} processes, {st.evicted_vcpus} vCPUs")
+                f"evicted {st.evicted_processes} processes, {st.evicted_vcpus} vCPUs"
+                + (f"; ts went backwards {self.ts_backwards} times" if self.ts_backwards else ""))
 
 
 def replay(paths: Iterable[str], engine: Engine, sink: Sink, summary: Summary) -> Summary:
@@ -41,7 +42,7 @@ def replay(paths: Iterable[str], engine: Engine, sink: Sink, summary: Summary) -
             current, last_ts = file, -1
         for ev, line in zip(events, lines):
             if ev.ts < last_ts:
-                # The spec allows a warning, never a reorder; one per file is enough.
+                # The spec allows a warning, never a reorder: the first one is shown, all are counted.
                 if not summary.ts_backwards:
                     print(f"{file}:{line}: warning: ts goes backwards ({ev.ts} < {last_ts})", file=sys.stderr)
                 summary.ts_backwards += 1

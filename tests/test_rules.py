@@ -997,6 +997,13 @@ def test_vcpu_destroy_of_an_unknown_vcpu_is_harmless(host):
     assert host.ids(vcpu_destroy(vcpu=9), vcpu_destroy(vcpu=9, tgid=77)) == []
 
 
+def test_vcpu_destroy_after_exit_does_not_bring_the_process_back(host):
+    # The kernel frees vCPUs after the exit tracepoint fires: live order.
+    host(vcpu_create(), exit_(), vcpu_destroy())
+    assert TGID not in host.engine.state.procs
+    assert not host.engine.state.vcpus
+
+
 def test_vcpus_are_keyed_by_process_vm_and_id(host):
     host(vcpu_create(vm="a"), xcr0(AMX, vm="a"))
     # Same vCPU id in another VM, or in another process: unknown, not the one above.

@@ -54,7 +54,7 @@ class Engine:
         kinds = {
             Perm: (self._proc_of, None, self._perm),
             VcpuCreate: (self._proc_of, None, self._vcpu_create),
-            VcpuDestroy: (self._proc_of, None, self._vcpu_destroy),
+            VcpuDestroy: (self._nothing_of, None, self._vcpu_destroy),
             Cpuid: (vcpu_event, None, self._cpuid),
             Xcr0: (vcpu_event, None, self._xcr0),
             Xfd: (vcpu_event, self._xfd_before, self._xfd),
