@@ -19,7 +19,7 @@ def backend():
     made = []
 
     def make(**kw):
-        from conftest import Collector
+        from livecollector import Collector
         c = Collector()
         made.append(c)
         return c.start(tb.TracepointBackend(c, **kw))

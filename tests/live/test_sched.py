@@ -73,7 +73,7 @@ def fallback():
     through signal->live, as on kernels whose sched_process_exit lacks group_dead."""
     require_bpf()
     from agent.probes.tracepoint_backend import TracepointBackend
-    from conftest import Collector
+    from livecollector import Collector
     c = Collector()
     c.start(TracepointBackend(c, groups=("arch_prctl", "sched"), exit_has_group_dead=False))
     yield c
@@ -181,7 +181,7 @@ def test_vmm_started_before_the_agent_has_its_exit_reported(live, group):
     require_kvm()
     group("sched")
     from agent.probes.tracepoint_backend import TracepointBackend
-    from conftest import Collector
+    from livecollector import Collector
     child = Child(VMM)
     c = Collector()
     c.follow(child.pid)
