@@ -1,6 +1,7 @@
-// Shared by every source of the tracepoint backend: the record sent to user
-// space, the ring buffer and its loss counter, the set of watched processes,
-// and the walk from a file descriptor to KVM's objects.
+// Shared by every source of both backends (tracepoints.bpf.c, kprobes.bpf.c):
+// the record sent to user space, the ring buffer and its loss counter, the
+// set of watched processes, and the walk from a file descriptor to KVM's
+// objects.
 //
 // Kernel struct fields are read only at OFF_* byte offsets given as -D
 // defines, resolved from the running kernel's BTF (agent/probes/offsets.py):
@@ -22,15 +23,22 @@
 #define EV_EXEC        9
 #define EV_EXIT        10
 #define EV_VM_CREATE   11  // bookkeeping only: a new struct kvm (its address may be a freed VM's)
+// Kinds only the kprobe backend sees (bpf/kp_kvm.h).
+#define EV_FPSTATE      12
+#define EV_PASSTHROUGH  13
+#define EV_VCPU_DESTROY 14
 
+#ifndef MSR_IA32_XFD  // (the kprobe program's headers define them too)
 #define MSR_IA32_XFD     0x1c4
 #define MSR_IA32_XFD_ERR 0x1c5
+#endif
 
 // event.flags
 #define F_VALUE   1  // `value` holds what the kind says (GET mask read, CPUID leaf 0xD.0 found, ...)
 #define F_CHECKED 2  // `check*` hold read-backs from kernel state (see decode.py per kind)
 #define F_GUEST   4  // a guest instruction (XSETBV, WRMSR) rather than a host ioctl
 #define F_PERM    8  // `check3` holds the group leader's guest_perm (fpu_load)
+#define F_NM      16 // xfd_err saved by KVM on the guest's #NM (kprobe backend)
 
 struct event {
     u64 ts;       // bpf_ktime_get_ns: CLOCK_MONOTONIC

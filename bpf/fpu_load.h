@@ -16,12 +16,8 @@ struct fpu_seen {
 // reused. LRU bounds it for vCPUs freed without our seeing.
 BPF_TABLE("lru_hash", void *, struct fpu_seen, fpu_last, 16384);
 
-static __always_inline int kvm_fpu(u32 load) {
-    if (!load)
-        return 0;
-    void *vcpu = running_vcpu();
-    if (!vcpu)
-        return 0;
+// The guest FPU state of `vcpu` is being loaded: a record if it changed.
+static __always_inline int fpu_load_vcpu(void *vcpu) {
     void *fps = read_ptr(vcpu, OFF_VCPU_GUEST_FPSTATE);
     if (!fps)
         return 0;
@@ -55,4 +51,13 @@ static __always_inline int kvm_fpu(u32 load) {
     e->flags = F_VALUE | (have_perm ? F_PERM : 0);
     submit(e);
     return 0;
+}
+
+static __always_inline int kvm_fpu(u32 load) {
+    if (!load)
+        return 0;
+    void *vcpu = running_vcpu();
+    if (!vcpu)
+        return 0;
+    return fpu_load_vcpu(vcpu);
 }

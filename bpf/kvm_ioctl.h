@@ -122,18 +122,15 @@ static __always_inline int read_call_args(struct ioctl_call *call, char *uarg) {
     return 1;
 }
 
-static __always_inline int enter_ioctl(u32 fd, u32 cmd, u64 arg) {
-    // Every ioctl of the host comes here: reject non-KVM numbers (type 0xAE) first.
-    if (((cmd >> 8) & 0xff) != 0xAE)
-        return 0;
-    int vcpu_fd = 1;
+// What a KVM ioctl number is called on: 1 a vCPU fd, 0 a VM fd, -1 /dev/kvm
+// (KVM_CREATE_VM: the new VM's fd is checked at exit), -2 not a call
+// recorded here.
+static __always_inline int ioctl_target(u32 cmd) {
     switch (cmd) {
     case KVM_CREATE_VM:
-        vcpu_fd = -1;  // on /dev/kvm: the new VM's fd is checked at exit
-        break;
+        return -1;
     case KVM_CREATE_VCPU:
-        vcpu_fd = 0;
-        break;
+        return 0;
     case KVM_SET_CPUID2:
     case KVM_SET_XCRS:
 #ifdef WITH_KVM_MSRS
@@ -147,16 +144,16 @@ static __always_inline int enter_ioctl(u32 fd, u32 cmd, u64 arg) {
 #ifdef WITH_KVM_RUN
     case KVM_RUN:
 #endif
-        break;
+        return 1;
     default:
-        return 0;
+        return -2;
     }
-    struct ioctl_call call = {.cmd = cmd};
-    if (vcpu_fd >= 0) {
-        call.obj = kvm_file_data(fd, vcpu_fd);
-        if (!call.obj)
-            return 0;
-    }
+}
+
+// Record a call on `obj` (the struct kvm_vcpu or struct kvm the fd stands
+// for; 0 for /dev/kvm) until its exit.
+static __always_inline int begin_call(void *obj, u32 cmd, u64 arg) {
+    struct ioctl_call call = {.cmd = cmd, .obj = obj};
     if (cmd == KVM_CREATE_VCPU)
         call.arg = arg;  // the requested vCPU id
     else if (cmd != KVM_CREATE_VM && cmd != KVM_RUN && !read_call_args(&call, (char *)arg))
@@ -165,6 +162,24 @@ static __always_inline int enter_ioctl(u32 fd, u32 cmd, u64 arg) {
     ioctl_calls.update(&tid, &call);
     return 0;
 }
+
+#ifndef KPROBES
+static __always_inline int enter_ioctl(u32 fd, u32 cmd, u64 arg) {
+    // Every ioctl of the host comes here: reject non-KVM numbers (type 0xAE) first.
+    if (((cmd >> 8) & 0xff) != 0xAE)
+        return 0;
+    int target = ioctl_target(cmd);
+    if (target == -2)
+        return 0;
+    void *obj = 0;
+    if (target >= 0) {
+        obj = kvm_file_data(fd, target);
+        if (!obj)
+            return 0;
+    }
+    return begin_call(obj, cmd, arg);
+}
+#endif
 
 #ifdef WITH_KVM_MSRS
 // One record per reported KVM_SET_MSRS entry. KVM_SET_MSRS returns how many
@@ -209,7 +224,7 @@ static __always_inline int exit_ioctl(long ret) {
     struct ioctl_call c = *p;
     ioctl_calls.delete(&tid);
     if (c.cmd == KVM_RUN) {
-#ifdef WITH_GUEST_XCR0
+#if defined(WITH_GUEST_XCR0) && !defined(KPROBES)
         xsetbv_end(0);  // an XSETBV still pending: KVM is done with it now
 #endif
         return 0;
@@ -229,6 +244,13 @@ static __always_inline int exit_ioctl(long ret) {
     }
 #ifdef WITH_KVM_MSRS
     if (c.cmd == KVM_SET_MSRS) {
+#ifdef KPROBES
+        // The kprobe backend reports each entry KVM tried from
+        // kvm_set_msr_common; here only a call refused as a whole (ret < 0:
+        // -E2BIG, -EFAULT, ... before any entry was tried).
+        if (ret >= 0)
+            return 0;
+#endif
         // In entry order, as KVM applied them.
         if (c.idx2 >= 0 && (c.idx1 < 0 || c.idx2 < c.idx1)) {
             msr_record(&c, EV_XFD_ERR, c.idx2, c.value2, ret);

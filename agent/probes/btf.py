@@ -75,6 +75,7 @@ class Btf:
         self._index = self._walk()
         self._next_id = self._first_id + len(self._index)
         self._by_name = None  # name -> [type id] of structs and unions, built on first lookup
+        self._funcs = None  # name -> [type id] of FUNC records, built on first lookup
 
     @classmethod
     def load(cls, path: str = f"{SYSFS_BTF}/vmlinux", base: "Btf | None" = None) -> "Btf":
@@ -190,6 +191,36 @@ class Btf:
             self._by_name = by_name
         own = self._by_name.get(name, [])
         return (self.base.structs_named(name) if self.base else []) + own
+
+    def funcs_named(self, name: str) -> list[int]:
+        """Ids of FUNC records called `name`, in this BTF and its base."""
+        if self._funcs is None:
+            funcs: dict[str, list[int]] = {}
+            w, first = self._words, self._first_id
+            for i, at in enumerate(self._index):
+                if (w[at + 1] >> 24) & 0x1F == FUNC and w[at]:
+                    funcs.setdefault(self.string(w[at]), []).append(first + i)
+            self._funcs = funcs
+        own = self._funcs.get(name, [])
+        return (self.base.funcs_named(name) if self.base else []) + own
+
+    def func_params(self, name: str) -> "tuple[str, ...] | None":
+        """Parameter names of function `name` as its FUNC_PROTO gives them (a
+        variadic `...` is the name "..."), or None when this BTF has no FUNC
+        of that name. BTF describes the function as compiled: a static function
+        the compiler inlined everywhere has no FUNC record."""
+        ids = self.funcs_named(name)
+        if not ids:
+            return None
+        btf, at, _, _, _, proto = self._record(ids[-1])
+        pbtf, pat, kind, vlen, _, _ = self._record(proto)
+        if kind != FUNC_PROTO:
+            raise BtfError(f"{self.name}: FUNC {name} does not point at a FUNC_PROTO (kind {kind})")
+        w = pbtf._words
+        out = []
+        for i in range(pat + 3, pat + 3 + 2 * vlen, 2):
+            out.append(self.string(w[i]) if w[i] else ("..." if w[i + 1] == 0 else ""))
+        return tuple(out)
 
     def enum_value(self, enum_name: str, name: str) -> int:
         """Value of enumerator `name` of `enum enum_name` (in this BTF or its base)."""
@@ -317,6 +348,18 @@ class KernelBtf:
 
     def struct_size(self, struct_name: str) -> int:
         return self.btf_for(struct_name).struct_size(struct_name)
+
+    def func_params(self, name: str, modules: "tuple[str, ...] | None" = None) -> "tuple[str, ...] | None":
+        """Parameter names of function `name` from vmlinux BTF, else from the
+        KVM modules' BTF (those loaded); None if none of them has it."""
+        found = self.vmlinux.func_params(name)
+        if found is not None:
+            return found
+        for mod in self.MODULES if modules is None else modules:
+            btf = self._module(mod)
+            if btf is not None and (found := btf.func_params(name)) is not None:
+                return found
+        return None
 
     def enum_value(self, enum_name: str, name: str) -> int:
         """An enumerator's value, from vmlinux or else the KVM modules' BTF."""

@@ -1,4 +1,4 @@
-"""Raw ring-buffer records of bpf/tracepoints.bpf.c -> agent.events.model events.
+"""Raw ring-buffer records of bpf/tracepoints.bpf.c and bpf/kprobes.bpf.c -> agent.events.model events.
 
 RAW mirrors `struct event` in bpf/common.h; its size is passed to the
 compiler as -DEVENT_SIZE and checked there with _Static_assert, so the two
@@ -9,7 +9,8 @@ kind is written next to its decoding below.
 import struct
 from typing import NamedTuple
 
-from agent.events.model import Cpuid, Event, Exec, Exit, FpuLoad, Perm, VcpuCreate, Xcr0, Xfd, XfdErr, Xsave
+from agent.events.model import (Cpuid, Event, Exec, Exit, Fpstate, FpuLoad, Passthrough, Perm, VcpuCreate,
+                                VcpuDestroy, Xcr0, Xfd, XfdErr, Xsave)
 from agent.probes.vmnames import VmNames
 from agent.xstate import PERM_LOCKED
 
@@ -18,7 +19,9 @@ EVENT_SIZE = RAW.size
 
 (EV_PERM, EV_VCPU_CREATE, EV_CPUID, EV_XCR0, EV_XFD, EV_XFD_ERR, EV_XSAVE, EV_FPU_LOAD, EV_EXEC, EV_EXIT,
  EV_VM_CREATE) = range(1, 12)
-F_VALUE, F_CHECKED, F_GUEST, F_PERM = 1, 2, 4, 8
+# Kinds only the kprobe backend sends (bpf/kp_kvm.h).
+EV_FPSTATE, EV_PASSTHROUGH, EV_VCPU_DESTROY = range(12, 15)
+F_VALUE, F_CHECKED, F_GUEST, F_PERM, F_NM = 1, 2, 4, 8, 16
 
 KVM_GET_XSAVE, KVM_SET_XSAVE, KVM_GET_XSAVE2 = 0x9000AEA4, 0x5000AEA5, 0x9000AECF
 XSAVE_OP = {KVM_GET_XSAVE: "get", KVM_GET_XSAVE2: "get", KVM_SET_XSAVE: "set"}
@@ -80,6 +83,13 @@ def guest_features(raw: Raw) -> int:
     return raw.value & raw.check1
 
 
+def _fpstate_size(raw: Raw) -> int | None:
+    """fpstate's size: the buffer's user_size read at the return of the
+    allocation (check1 = its kernel size, check2 = its xfeatures); none when
+    the allocation failed (the buffer read is the old one) or was not read."""
+    return raw.size if raw.ret == 0 and raw.flags & F_CHECKED else None
+
+
 def to_event(raw: Raw, vms: VmNames) -> Event | None:
     """The model event for a raw record; None for a bookkeeping record (a new
     VM). Raises DecodeError for a record it cannot decode."""
@@ -95,21 +105,32 @@ def to_event(raw: Raw, vms: VmNames) -> Event | None:
         mask = raw.value if raw.op not in REQ_OPTIONS and raw.flags & F_VALUE else None
         return Perm(**common, option=option, feature=feature, mask=mask, ret=raw.ret)
     if kind == EV_VM_CREATE:
-        vms.created(raw.tgid, raw.vm)
+        vms.created(raw.tgid, raw.vm, raw.ts)
         return None
     if kind == EV_EXEC:
         return Exec(**common)
     if kind == EV_EXIT:
         return Exit(**common)
+    if kind == EV_FPSTATE and not raw.flags & F_GUEST:
+        # The process's own buffer (the host's first #NM of a dynamic feature).
+        return Fpstate(**common, guest=False, features=raw.value, ret=raw.ret, size=_fpstate_size(raw))
 
-    vcpu = dict(common, vm=vms.id(raw.tgid, raw.vm), vcpu=raw.arg)
+    vcpu = dict(common, vm=vms.id(raw.tgid, raw.vm, raw.ts), vcpu=raw.arg)
     if kind == EV_VCPU_CREATE:
         return VcpuCreate(**vcpu, ret=raw.ret)
     if kind == EV_CPUID:
         # No leaf 0xD sub-leaf 0 in the array: the guest gets no XSAVE features.
         supported = raw.value if raw.flags & F_VALUE else 0
         return Cpuid(**vcpu, xcr0_supported=supported, ret=raw.ret)
-    source = "guest" if raw.flags & F_GUEST else "host"
+    if kind == EV_VCPU_DESTROY:
+        return VcpuDestroy(**vcpu)
+    if kind == EV_PASSTHROUGH:
+        # check1 = the vendor set_msr's result, check2 = 1 for a host write.
+        return Passthrough(**vcpu, enabled=bool(raw.value))
+    if kind == EV_FPSTATE:
+        # A vCPU's guest buffer (KVM_SET_CPUID2 enabling a dynamic feature).
+        return Fpstate(**vcpu, guest=True, features=raw.value, ret=raw.ret, size=_fpstate_size(raw))
+    source = "nm" if raw.flags & F_NM else "guest" if raw.flags & F_GUEST else "host"
     if kind == EV_XCR0:
         # host: KVM_SET_XCRS, ret the ioctl's. guest: XSETBV, ret 0 or 1 (a
         # fault); check1 = arch.xcr0 once KVM was done with it, check2 = its
@@ -120,6 +141,8 @@ def to_event(raw: Raw, vms: VmNames) -> Event | None:
         # host: one KVM_SET_MSRS entry, ret 0 (set) or -1 (refused) or the
         # ioctl's errno; check1 = the ioctl's result, check2 = entry index.
         # guest: WRMSR seen by kvm:kvm_msr, ret 1 if the guest got #GP.
+        # kprobes: each entry/WRMSR from kvm_set_msr_common, check1 = its
+        # result; nm: XFD_ERR as KVM saved it on the guest's #NM, check1 = XFD.
         cls = Xfd if kind == EV_XFD else XfdErr
         return cls(**vcpu, value=raw.value, source=source, ret=raw.ret)
     if kind == EV_XSAVE:

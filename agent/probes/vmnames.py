@@ -83,38 +83,77 @@ def read_cmdline(tgid: int, proc: str = "/proc") -> bytes | None:
 
 
 class VmNames:
+    """VM ids by (tgid, struct kvm address), in generations: a VM created at
+    an address a freed one had gets a new id from its creation on.
+
+    With the time of each event and creation (the backends pass the records'
+    ts), the id does not depend on the order records are decoded in: two
+    backends' rings, read one after the other, may hand over a VM's events
+    before the record of its creation.
+    """
+
     def __init__(self, proc: str = "/proc"):
-        self._ids: dict[tuple[int, int], str] = {}
+        # (tgid, kvm) -> [[since_ts, id or None], ...], ascending since (-1: before any creation seen)
+        self._ids: dict[tuple[int, int], list[list]] = {}
         self._names: dict[str, str | None] = {}  # id -> human name
         self._by_tgid: dict[int, str | None] = {}  # one cmdline read per process
         self._next = 1
         self._proc = proc
 
-    def id(self, tgid: int, kvm: int) -> str:
-        """The VM's opaque id, made (and its human name resolved) when first seen."""
-        key = (tgid, kvm)
-        vm = self._ids.get(key)
-        if vm is None:
-            vm = self._ids[key] = f"vm-{self._next}"
-            self._next += 1
-            if tgid not in self._by_tgid:
-                cmdline = read_cmdline(tgid, self._proc)
-                self._by_tgid[tgid] = name_from_cmdline(cmdline) if cmdline else None
-            self._names[vm] = self._by_tgid[tgid]
+    def _new(self, tgid: int) -> str:
+        vm = f"vm-{self._next}"
+        self._next += 1
+        if tgid not in self._by_tgid:
+            cmdline = read_cmdline(tgid, self._proc)
+            self._by_tgid[tgid] = name_from_cmdline(cmdline) if cmdline else None
+        self._names[vm] = self._by_tgid[tgid]
         return vm
+
+    def id(self, tgid: int, kvm: int, ts: int | None = None) -> str:
+        """The VM's opaque id, made (and its human name resolved) when first
+        seen: that of the VM at `kvm` at time `ts` (None: the latest)."""
+        gens = self._ids.get((tgid, kvm))
+        if gens is None:
+            gens = self._ids[(tgid, kvm)] = [[-1, None]]
+        gen = gens[-1]
+        if ts is not None:
+            for g in reversed(gens):
+                if g[0] <= ts:
+                    gen = g
+                    break
+            else:  # before every creation seen there: a VM of its own
+                gen = [-1, None]
+                gens.insert(0, gen)
+        if gen[1] is None:
+            gen[1] = self._new(tgid)
+        return gen[1]
 
     def name(self, vm: str) -> str | None:
         """The human name of VM id `vm` (from its VMM's command line), or None."""
         return self._names.get(vm)
 
-    def created(self, tgid: int, kvm: int) -> None:
-        """A new VM at `kvm`: if a freed VM had that address, its id is not reused."""
-        vm = self._ids.pop((tgid, kvm), None)
-        if vm is not None:
-            self._names.pop(vm, None)
+    def created(self, tgid: int, kvm: int, ts: int | None = None) -> None:
+        """A new VM at `kvm` (at time `ts`): if a freed VM had that address,
+        its id is not reused (for events from `ts` on; without `ts`, for
+        every later id() call, and the freed VM's id is forgotten)."""
+        key = (tgid, kvm)
+        gens = self._ids.get(key)
+        if ts is None:
+            if gens is not None:
+                for _, vm in self._ids.pop(key):
+                    if vm is not None:
+                        self._names.pop(vm, None)
+            return
+        if gens is None:
+            self._ids[key] = [[ts, None]]
+        elif all(g[0] != ts for g in gens):
+            gens.append([ts, None])
+            gens.sort(key=lambda g: g[0])
 
     def forget(self, tgid: int) -> None:
         """The process exec'd or exited: its VMs are gone (and its command line may change)."""
         for key in [k for k in self._ids if k[0] == tgid]:
-            self._names.pop(self._ids.pop(key), None)
+            for _, vm in self._ids.pop(key):
+                if vm is not None:
+                    self._names.pop(vm, None)
         self._by_tgid.pop(tgid, None)
