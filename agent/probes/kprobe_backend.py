@@ -20,7 +20,6 @@ Usage (as TracepointBackend):
     backend.detach(); backend.poll(0); backend.close()
 """
 
-import ctypes
 import os
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from typing import Callable
 from agent.probes import decode, kprobe_plan
 from agent.probes.kprobe_plan import GROUP_INDEX, KINDS, REPORTS, REQUIRES, SOURCES, Choice
 from agent.probes.offsets import Offsets
-from agent.probes.tracepoint_backend import (BPF_DIR, BackendError, Timings, _headers_env, bcc_available,
+from agent.probes.tracepoint_backend import (RingReader, BPF_DIR, BackendError, Timings, _headers_env, bcc_available,
                                              kvm_vm_holders, program_text, tracefs_root, tracepoint_format)
 from agent.probes.vmnames import VmNames
 
@@ -59,7 +58,8 @@ class KprobeTimings(Timings):
 
 
 @dataclass
-class KprobeBackend:
+class KprobeBackend(RingReader):
+    KINDS = KINDS
     on_event: Callable  # (event: agent.events.model.Event, raw: decode.Raw) -> None
     groups: tuple[str, ...] = tuple(SOURCES)
     ringbuf_pages: int = 4096
@@ -291,44 +291,6 @@ class KprobeBackend:
                 self._users.pop(hook, None)
                 self.attached.remove(hook)
         return done
-
-    def kinds_covered(self) -> dict[str, list[str]]:
-        """Event kind -> the attached sources that produce it."""
-        out: dict[str, list[str]] = {}
-        for g, st in self.status.items():
-            if st.attached:
-                for kind in KINDS[g]:
-                    out.setdefault(kind, []).append(g)
-        return out
-
-    # -- running (as TracepointBackend) --
-
-    def watch(self, tgid: int) -> None:
-        """Report this process's exec and exit (it does KVM work we did not see begin)."""
-        if self.bpf is not None and self.status.get("sched", Status()).attached:
-            table = self.bpf[b"watched"]
-            table[table.Key(tgid)] = table.Leaf(1)
-
-    def _on_raw(self, _ctx, data, size) -> None:
-        try:
-            raw = decode.Raw.unpack(ctypes.string_at(data, size))
-            event = decode.to_event(raw, self.vms)
-        except Exception as e:  # a bad record must not stop the reader
-            self.decode_errors += 1
-            self.last_decode_error = f"{type(e).__name__}: {e}"
-            return
-        if event is not None:
-            self.counts[event.kind] += 1
-            self.on_event(event, raw)
-            if raw.kind in (decode.EV_EXEC, decode.EV_EXIT):
-                self.vms.forget(raw.tgid)
-
-    def poll(self, timeout_ms: int = 2) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
-
-    def lost(self) -> int:
-        return sum(sum(v) for v in self.bpf[b"lost"].values()) if self.bpf else 0
 
     def detach(self) -> None:
         """Stop new records, keeping the ring buffer readable for a last poll().

@@ -182,8 +182,57 @@ def _headers_env() -> None:
         os.environ["BCC_KERNEL_SOURCE"] = DEFAULT_HEADERS
 
 
+class RingReader:
+    """What both backends do once their programs run: read the ring buffer,
+    decode records into events, count what is lost. KINDS: group -> event kinds."""
+
+    KINDS: dict
+
+    def kinds_covered(self) -> dict[str, list[str]]:
+        """Event kind -> the attached groups (sources) that produce it."""
+        out: dict[str, list[str]] = {}
+        for g, st in self.status.items():
+            if st.attached:
+                for kind in self.KINDS[g]:
+                    out.setdefault(kind, []).append(g)
+        return out
+
+    def watch(self, tgid: int) -> None:
+        """Report this process's exec and exit (it does KVM work we did not see begin)."""
+        sched = self.status.get("sched")
+        if self.bpf is not None and sched is not None and sched.attached:
+            table = self.bpf[b"watched"]
+            table[table.Key(tgid)] = table.Leaf(1)
+
+    def _on_raw(self, _ctx, data, size) -> None:
+        try:
+            raw = decode.Raw.unpack(ctypes.string_at(data, size))
+            event = decode.to_event(raw, self.vms)
+        except Exception as e:  # a bad record must not stop the reader
+            self.decode_errors += 1
+            self.last_decode_error = f"{type(e).__name__}: {e}"
+            return
+        if event is not None:
+            self.counts[event.kind] += 1
+            self.on_event(event, raw)
+            if raw.kind in (decode.EV_EXEC, decode.EV_EXIT):
+                self.vms.forget(raw.tgid)
+
+    def poll(self, timeout_ms: int = 2) -> None:
+        """Wait up to timeout_ms, then hand every waiting record to on_event.
+        Without a wakeup per event the wait always lasts timeout_ms: call this
+        in a loop, it is the reader's timer."""
+        self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
+
+    def lost(self) -> int:
+        """Records dropped in BPF because the ring buffer was full."""
+        return sum(sum(v) for v in self.bpf[b"lost"].values()) if self.bpf else 0
+
+
 @dataclass
-class TracepointBackend:
+class TracepointBackend(RingReader):
+    KINDS = KINDS
     on_event: Callable  # (event: agent.events.model.Event, raw: decode.Raw) -> None
     groups: tuple[str, ...] = tuple(PROBES)
     ringbuf_pages: int = 4096  # 16 MiB: a 2 ms poll then absorbs >100k events/s
@@ -315,48 +364,6 @@ class TracepointBackend:
                         self.bpf.detach_tracepoint(tp.encode())
                     except Exception:  # noqa: BLE001 - close() frees what is left
                         pass
-
-    def kinds_covered(self) -> dict[str, list[str]]:
-        """Event kind -> the attached groups that produce it."""
-        out: dict[str, list[str]] = {}
-        for g, st in self.status.items():
-            if st.attached:
-                for kind in KINDS[g]:
-                    out.setdefault(kind, []).append(g)
-        return out
-
-    # -- running --
-
-    def watch(self, tgid: int) -> None:
-        """Report this process's exec and exit (it does KVM work we did not see begin)."""
-        if self.bpf is not None and self.status.get("sched", Status()).attached:
-            table = self.bpf[b"watched"]
-            table[table.Key(tgid)] = table.Leaf(1)
-
-    def _on_raw(self, _ctx, data, size) -> None:
-        try:
-            raw = decode.Raw.unpack(ctypes.string_at(data, size))
-            event = decode.to_event(raw, self.vms)
-        except Exception as e:  # a bad record must not stop the reader
-            self.decode_errors += 1
-            self.last_decode_error = f"{type(e).__name__}: {e}"
-            return
-        if event is not None:
-            self.counts[event.kind] += 1
-            self.on_event(event, raw)
-            if raw.kind in (decode.EV_EXEC, decode.EV_EXIT):
-                self.vms.forget(raw.tgid)
-
-    def poll(self, timeout_ms: int = 2) -> None:
-        """Wait up to timeout_ms, then hand every waiting record to on_event.
-        Without a wakeup per event the wait always lasts timeout_ms: call this
-        in a loop, it is the reader's timer."""
-        self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
-
-    def lost(self) -> int:
-        """Records dropped in BPF because the ring buffer was full."""
-        return sum(sum(v) for v in self.bpf[b"lost"].values()) if self.bpf else 0
 
     def detach(self) -> None:
         """Stop new records, keeping the ring buffer readable for a last
