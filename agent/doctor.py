@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from agent import __version__
 from agent.events.model import EVENT_TYPES
 from agent.live import Probes, kprobe_support
+from agent.probes.btf import SYSFS_BTF
 from agent.probes.tracepoint_backend import DEFAULT_HEADERS, bcc_available, tracefs_root
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -58,7 +59,7 @@ def check_privileges() -> Check:
 
 
 def check_btf(offsets) -> Check:
-    path = "/sys/kernel/btf/vmlinux"
+    path = os.path.join(SYSFS_BTF, "vmlinux")
     if not os.path.exists(path):
         return Check("BTF", False, f"{path} is missing (a kernel built without CONFIG_DEBUG_INFO_BTF): no probe "
                                    f"that reads kernel structs can be built")

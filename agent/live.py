@@ -1,4 +1,5 @@
-"""The live agent: probe backends chosen per event source, the reader loop, the events log.
+"""The live agent: probe backends chosen per event source, the reader loop (the events log it writes:
+agent/eventlog.py).
 
     probes = Probes("auto", runner.on_event)   # auto | kprobe | tracepoint
     probes.start()                             # NoProbes if no source got a probe
@@ -24,13 +25,13 @@ event to verdict latency is about 1-3 ms.
 
 import gzip
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
-from agent.events.writer import encode
-from agent.probes.tracepoint_backend import KINDS, PROBES, BackendError, TracepointBackend, tracefs_root
+from agent.eventlog import LiveEventLog
+from agent.probes.tracepoint_backend import (KINDS, PROBES, TRACEFS_ENV, BackendError, TracepointBackend,
+                                             tracefs_root)
 
 DEFAULT_EVENTS_LOG = "/var/log/xstate-agent/events.jsonl"
 BACKENDS = ("kprobe", "tracepoint")
@@ -131,6 +132,8 @@ def ensure_tracefs() -> tuple[str | None, str | None]:
     root = tracefs_root()
     if root is not None:
         return root, None
+    if TRACEFS_ENV in os.environ:  # pointed elsewhere on purpose (tests): nothing to mount
+        return None, f"no tracefs at {os.environ[TRACEFS_ENV]} ({TRACEFS_ENV})"
     mounted = []
     try:
         with open("/proc/self/mounts") as f:
@@ -319,109 +322,6 @@ class Probes:
         return out
 
 
-# ---- the events log -----------------------------------------------------------------------------
-
-class LiveEventLog:
-    """Every event appended to PATH as spec JSONL, one write per batch.
-
-    A batch is written whole or not at all: after a failed write (disk full...)
-    the file is cut back to its last complete line, the batch's events are
-    counted lost (stage events_log), and they are judged all the same. The
-    line numbers given to violations are those of the file. reopen() (on
-    SIGHUP, after logrotate moved the file) starts a new file at PATH.
-    """
-
-    def __init__(self, path: str, stats=None, warn=None):
-        self.path = path
-        self.stats = stats
-        self.warn = warn or (lambda msg: print(f"xstate-agent: {msg}", file=sys.stderr, flush=True))
-        self.lost = 0
-        self._last_warning = 0.0
-        self._write = os.write  # tests put a failing one here
-        self.fd = -1
-        self._open()
-
-    def _open(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        try:
-            lines, size = 0, 0
-            with open(self.path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    lines += chunk.count(b"\n")
-                    size += len(chunk)
-                    last = chunk[-1:]
-            if size and last != b"\n":
-                # A line cut short (an earlier crash): end it, so that ours start on a line of their own.
-                # It stays invalid: replay stops there with its line number.
-                os.write(fd, b"\n")
-                lines += 1
-                size += 1
-        except BaseException:
-            os.close(fd)
-            raise
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd, self.lines, self.size = fd, lines, size
-
-    def reopen(self) -> None:
-        try:
-            self._open()
-        except OSError as e:
-            self.warn(f"events log {self.path}: cannot reopen: {e.strerror or e}; still writing the old file")
-
-    def comment(self, text: str) -> None:
-        """A `#` line (readers skip it): marks the start of a run."""
-        lines = text.splitlines()
-        self._write_all(b"".join(b"# " + line.encode() + b"\n" for line in lines), 0, len(lines))
-
-    def write(self, events: list) -> list[int] | None:
-        """Append the batch; its line numbers, or None if it could not be written (counted lost)."""
-        data = b"".join(map(encode, events))
-        first = self.lines + 1
-        # One line per event: JSON strings escape newlines.
-        if not self._write_all(data, len(events), len(events)):
-            return None
-        return list(range(first, first + len(events)))
-
-    def _write_all(self, data: bytes, n: int, lines: int) -> bool:
-        view, done = memoryview(data), 0
-        try:
-            while done < len(data):
-                done += self._write(self.fd, view[done:])
-        except OSError as e:
-            try:  # back to the last whole line, whatever part of the batch went in
-                os.ftruncate(self.fd, self.size)
-            except OSError:
-                # The file may end in a partial line; count again from what is there.
-                self.reopen()
-            self.lost += n
-            if self.stats is not None and n:
-                self.stats.lost("events_log", n)
-            now = time.monotonic()
-            if now - self._last_warning >= 60:
-                self._last_warning = now
-                self.warn(f"events log {self.path}: {e.strerror or e}; events are judged but not logged "
-                          f"({self.lost} so far)")
-            return False
-        self.size += len(data)
-        self.lines += lines
-        return True
-
-    def flush(self) -> None:
-        try:
-            os.fsync(self.fd)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            self.flush()
-            os.close(self.fd)
-            self.fd = -1
-
-
 # ---- the reader loop ----------------------------------------------------------------------------
 
 class LiveRunner:
@@ -439,6 +339,7 @@ class LiveRunner:
         self._vms_of: dict[int, set[str]] = {}  # tgid -> its vm ids, forgotten at exec/exit
         self._next_health = 0.0
         self.reopen_log = threading.Event()  # set from a signal handler (SIGHUP)
+        self.on_hup = None  # called on SIGHUP, in this thread, before the log is reopened (the config reload)
 
     def on_event(self, event, raw=None) -> None:
         """The backends' callback (from inside poll())."""
@@ -458,6 +359,8 @@ class LiveRunner:
         n = self._flush()
         if self.reopen_log.is_set():
             self.reopen_log.clear()
+            if self.on_hup is not None:
+                self.on_hup()
             if self.log is not None:
                 self.log.reopen()
         if time.monotonic() >= self._next_health:

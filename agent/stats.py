@@ -20,6 +20,23 @@ The live side (probes) uses it so:
     stats.set_vm_name(vm, "web-1")                # QEMU -name, for the vm label
     Pipeline(engine, printer, log, observers=[stats])
 
+Accounting of the live agent. An event is *received* when the reader has
+taken its record out of the BPF ring buffer and decoded it (the backend hands
+it to LiveRunner.on_event); the runner writes it to the events log, if any,
+then the pipeline judges it and `observe` counts it here, once, in
+xstate_events_total: received and judged are the same events, whatever became
+of their log line. Over a span at whose end the agent has drained the ring
+buffer (as it does when it stops):
+
+    records the probes made = received + lost["ringbuf"] + lost["reader"]
+                              (+ KVM_CREATE_VM records, which name a VM and are no event)
+    received = sum of xstate_events_total = "N events judged" (the summary at stop)
+             = event lines written to the events log + lost["events_log"]
+
+`ringbuf` counts the records the kernel could not reserve (ring buffer full),
+`reader` the records taken out but not decodable. tests/live/test_reliability.py
+checks both equations on a real kernel.
+
 Cardinality: the `vm` label (per-VM metrics) is bounded by `max_vms`; VMs
 past the cap are counted together under the label `_other`. A VM that the
 policy engine no longer tracks (its vCPUs destroyed, its process gone or
@@ -153,7 +170,7 @@ class Stats:
         self.vm_retention = vm_retention
         self._clock = clock
         self._lock = threading.Lock()
-        self.rules_hash = rules_hash(engine.rules)
+        self._hashed = (None, "")  # (rules, their rules_hash), for the rules_hash property
 
         # Hot counters, written by the pipeline's thread only.
         self._index = {key: i for i, key in enumerate(EVENT_KEYS)}
@@ -178,6 +195,29 @@ class Stats:
         self._lat_sum = [0]  # nanoseconds
         self._lat_on = False
 
+        self._build_observe()
+
+    @property
+    def rules_hash(self) -> str:
+        """rules_hash() of the rules the engine judges with now (a reload may change its profile)."""
+        rules = self.engine.rules
+        if rules is not self._hashed[0]:
+            self._hashed = (rules, rules_hash(rules))
+        return self._hashed[1]
+
+    def set_vm_labels(self, per_vm: bool, max_vms: int) -> None:
+        """New vm label options (a configuration reload), from the pipeline's thread.
+
+        Turning the label on or off starts the per-VM counters, or the host's, from zero. A lower
+        max_vms holds for VMs labelled from now on: those that have a label keep it while they live.
+        """
+        if max_vms < 1:
+            raise ValueError("max_vms must be at least 1")
+        with self._lock:
+            if per_vm != self.per_vm:
+                self._vms.clear()
+                self._other, self._host, self._no_vm = VmStats(), VmStats(), VmStats()
+            self.per_vm, self.max_vms = per_vm, max_vms
         self._build_observe()
 
     # ---- the hot path ---------------------------------------------------------------------------

@@ -3,20 +3,21 @@
     sudo .venv/bin/python benchmarks/bench_live_overhead.py [--rounds R] [--calls N] [--quick]
 
 ns per call of getppid() (an unrelated syscall) and of ioctl(FIONREAD) on a
-pipe (a non-KVM ioctl, which goes through the agent's sys_enter_ioctl /
-sys_exit_ioctl programs), timed by a C loop (benchmarks/loadgen.c; Python's
+pipe (a non-KVM ioctl, which goes through the agent's raw_syscalls
+sys_enter / sys_exit programs past their first test), timed by a C loop (benchmarks/loadgen.c; Python's
 own call overhead would drown a difference of tens of ns), pinned to CPU 0:
 
   none   no BPF program attached
   floor  benchmarks/floor/empty.bpf.c (returns at once) attached to the same
-         tracepoints as the agent: what any program on those hooks costs
-         (once a syscall tracepoint is enabled, every syscall of every task
-         takes the traced slow path)
+         hooks as the agent (raw_syscalls ones as BTF programs, like the
+         agent's): what any program on those hooks costs (once a syscall
+         tracepoint is enabled, every syscall of every task takes the traced
+         slow path)
   agent  the agent process (real backend, Engine, Pipeline, statistics
          observer) attached, polling on CPU 1
-  raw    (for comparison, not a target) the empty program on the raw
-         tracepoints raw_syscalls:sys_enter/sys_exit instead: the floor of
-         the other way to hook syscalls
+  syscalls (for comparison, not a target) the empty program on
+         syscalls:sys_enter_ioctl/sys_exit_ioctl instead, the agent's hooks
+         before raw_syscalls: the floor of that way to hook syscalls
   other  (--compare-bpf FILE) the agent loading another BPF C file
 
 Each round starts each condition afresh, in turn, and runs R loops of N
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="rounds over all conditions (default 5; --quick: 2)")
     ap.add_argument("--calls", type=int, default=200_000, help="calls per timed loop")
     ap.add_argument("--loops", type=int, default=5, help="timed loops per syscall, condition and round")
-    ap.add_argument("--no-raw", action="store_true", help="leave out the raw-tracepoint comparison")
+    ap.add_argument("--no-syscalls", action="store_true", help="leave out the syscalls:*_ioctl floor comparison")
     ap.add_argument("--bpf-source", default=None, metavar="FILE",
                     help="the agent loads this BPF C file instead of bpf/tracepoints.bpf.c (to measure a change)")
     ap.add_argument("--compare-bpf", default=None, metavar="FILE",
@@ -69,12 +70,12 @@ def main(argv=None) -> int:
     with lb.start_agent(bpf_source=BPF_SOURCE) as a:
         tracepoints = a.ready["tracepoints"]
     print(f"hooks: {', '.join(tracepoints)}")
-    conds = ["none", "floor", "agent"] + ([] if args.no_raw else ["raw"]) + (["other"] if args.compare_bpf else [])
+    conds = ["none", "floor", "agent"] + ([] if args.no_syscalls else ["syscalls"]) + (["other"] if args.compare_bpf else [])
     start = {
         "none": lambda: None,
         "floor": lambda: lb.start_floor(tracepoints),
         "agent": lambda: lb.start_agent(bpf_source=BPF_SOURCE),
-        "raw": lambda: lb.start_floor([], raw=["sys_enter", "sys_exit"]),
+        "syscalls": lambda: lb.start_floor(lb.SYSCALLS_IOCTL),
         "other": lambda: lb.start_agent(bpf_source=args.compare_bpf),
     }
     if args.compare_bpf:
@@ -123,8 +124,8 @@ def main(argv=None) -> int:
         line = (f"{LABEL[s]}: agent {agent:.0f} ns, floor {floor:.0f} ns, none {base:.0f} ns; "
                 f"agent/floor {ratio:.2f} (rounds {min(ratios[s]):.2f}-{max(ratios[s]):.2f}), "
                 f"agent adds {agent - floor:+.0f} ns over the floor, floor adds {floor - base:+.0f} ns over none")
-        if "raw" in conds:
-            line += f"; raw-tracepoint floor {lb.med(cpu['raw', s]):.0f} ns"
+        if "syscalls" in conds:
+            line += f"; syscalls:*_ioctl floor {lb.med(cpu['syscalls', s]):.0f} ns"
         if "other" in conds:
             line += f"; other {lb.med(cpu['other', s]):.0f} ns (other/floor {lb.med(cpu['other', s]) / floor:.2f})"
         print(line)

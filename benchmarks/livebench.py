@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FLOOR_SOURCE = HERE / "floor" / "empty.bpf.c"
 LOADGEN_SOURCE = HERE / "loadgen.c"
+# The hooks the agent's syscall probes used before raw_syscalls (compared in the benchmarks).
+SYSCALLS_IOCTL = ["syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"]
 EVENT_SIZE = 104  # sizeof(struct event) in bpf/common.h (decode.EVENT_SIZE): the minimal recorder's record
 
 # The traced process and the agent on different CPUs (this machine has 2).
@@ -310,10 +312,8 @@ def start_agent(ringbuf_pages: int | None = None, poll_ms: float | None = None, 
 
 
 def start_floor(tracepoints: list[str], cpu: int | None = AGENT_CPU, bpf_stats: bool = False,
-                raw: list[str] = (), record: int = 0) -> Proc:
+                record: int = 0) -> Proc:
     argv = ["floor"] + (["--bpf-stats"] if bpf_stats else []) + (["--record", str(record)] if record else [])
-    for tp in raw:
-        argv += ["--raw", tp]
     for tp in tracepoints:
         argv += ["--tracepoint", tp]
     return Proc(argv, cpu)
@@ -436,15 +436,17 @@ def enable_bpf_stats():
     return fd
 
 
-def prog_stats(funcs: dict) -> dict:
-    """{name: [run_time_ns, run_cnt]} of loaded BPF programs (BCC's BPF.funcs)."""
+def prog_stats(funcs: dict, btf_progs: dict) -> dict:
+    """{name: [run_time_ns, run_cnt]} of loaded BPF programs: BCC's BPF.funcs
+    and the tp_btf programs loaded beside them ({name: TpBtfProgram})."""
+    fds = {(k.decode() if isinstance(k, bytes) else k): fn.fd for k, fn in funcs.items()}
+    fds.update({name: p.prog_fd for name, p in btf_progs.items()})
     out = {}
-    for name, fn in funcs.items():
+    for name, fd in fds.items():
         try:
-            info = dict(line.split(":", 1) for line in open(f"/proc/self/fdinfo/{fn.fd}") if ":" in line)
+            info = dict(line.split(":", 1) for line in open(f"/proc/self/fdinfo/{fd}") if ":" in line)
         except OSError:
             continue
-        name = name.decode() if isinstance(name, bytes) else name
         out[name] = [int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))]
     return out
 
@@ -489,7 +491,7 @@ def agent_main(args) -> int:
     from agent.pipeline import Pipeline
     from agent.policy.engine import Engine
     from agent.probes import tracepoint_backend
-    from agent.probes.tracepoint_backend import PROBES, BackendError, TracepointBackend
+    from agent.probes.tracepoint_backend import BackendError, TracepointBackend
     if args.bpf_source:
         src = Path(args.bpf_source).resolve()
         tracepoint_backend.BPF_SOURCE = src
@@ -531,8 +533,7 @@ def agent_main(args) -> int:
         print(json.dumps({"error": str(e)}), flush=True)
         return 1
     t_start = time.perf_counter() - t0
-    tps = list(getattr(backend, "attached", None) or
-               dict.fromkeys(tp for g, st in backend.status.items() if st.attached for tp, _ in PROBES[g]))
+    tps = [tp for tp, _ in backend.attached]
     t = backend.timings
     print(json.dumps({"ready": True, "tracepoints": tps, "import_s": t_import, "start_s": t_start,
                       "btf_s": t.btf_s, "compile_s": t.compile_s, "attach_s": t.attach_s,
@@ -559,7 +560,7 @@ def agent_main(args) -> int:
     def answer():
         return {"seen": seen, "events": pipeline.events, "violations": pipeline.violations,
                 "lost": backend.lost(), "reader_drops": backend.decode_errors, "polls": polls,
-                "progs": prog_stats(backend.bpf.funcs) if args.bpf_stats else {},
+                "progs": prog_stats(backend.bpf.funcs, {p.name: p for p in backend.btf_progs}) if args.bpf_stats else {},
                 "max_backlog": getattr(reader, "max_backlog", None)}
 
     prof = None
@@ -583,6 +584,8 @@ def floor_main(args) -> int:
     from bcc import BPF
 
     from agent.probes import tracepoint_backend
+    from agent.probes.btf import Btf
+    from agent.probes.btfprog import TpBtfProgram, tracepoint_btf_id
     tracepoint_backend._headers_env()  # the same kernel headers as the agent
     if args.bpf_stats:
         stats_fd = enable_bpf_stats()  # noqa: F841 (kept open)
@@ -590,14 +593,14 @@ def floor_main(args) -> int:
     cflags = [f"-DRECORD_SIZE={args.record}", "-DRINGBUF_PAGES=4096"] if args.record else []
     b = BPF(src_file=str(FLOOR_SOURCE).encode(), cflags=cflags)
     fn = b.load_func(b"empty", BPF.TRACEPOINT)
+    btf_progs = {}
     for tp in dict.fromkeys(args.tracepoint):
-        b.attach_tracepoint(tp=tp.encode(), fn_name=fn.name)
-    if args.raw:
-        # The alternative hook: raw_syscalls' raw tracepoints, which run for
-        # every syscall but skip the perf buffer the syscalls:* events fill.
-        raw = b.load_func(b"empty_raw", BPF.RAW_TRACEPOINT)
-        for tp in args.raw:
-            b.attach_raw_tracepoint(tp=tp.encode(), fn_name=raw.name)
+        cat, name = tp.split(":")
+        if cat == "raw_syscalls":  # as the agent attaches them: BTF raw tracepoint programs
+            btf_progs[f"empty_{name}"] = TpBtfProgram(f"empty_{name}", b.dump_func(b"empty_raw"),
+                                                      tracepoint_btf_id(Btf.load(), name))
+        else:
+            b.attach_tracepoint(tp=tp.encode(), fn_name=fn.name)
     poll = lambda: select.select([0], [], [], 0.5)  # noqa: E731
     if args.record:
         # The minimal recorder: its records are drained (and counted) on the
@@ -613,7 +616,7 @@ def floor_main(args) -> int:
     print(json.dumps({"ready": True, "tracepoints": args.tracepoint, "start_s": time.perf_counter() - t0}),
           flush=True)
     try:
-        _serve(lambda: {"progs": prog_stats(b.funcs) if args.bpf_stats else {},
+        _serve(lambda: {"progs": prog_stats(b.funcs, btf_progs) if args.bpf_stats else {},
                         "received": received[0] if args.record else None}, poll)
     finally:
         b.cleanup()
@@ -636,7 +639,6 @@ def main(argv: list[str]) -> int:
     a.add_argument("--bpf-stats", action="store_true", help="report each BPF program's run time (BPF_ENABLE_STATS)")
     f = sub.add_parser("floor", help="the floor process")
     f.add_argument("--tracepoint", action="append", default=[])
-    f.add_argument("--raw", action="append", default=[], help="a raw tracepoint to attach to as well")
     f.add_argument("--bpf-stats", action="store_true")
     f.add_argument("--record", type=int, default=0, metavar="BYTES",
                    help="also send a record of BYTES per KVM_SET_XCRS from raw sys_enter (the minimal recorder)")

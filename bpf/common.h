@@ -72,7 +72,8 @@ BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_TABLE("lru_hash", u32, u8, watched, 16384);
 #endif
 
-static __always_inline struct event *reserve(u32 kind) {
+// A zeroed record of `kind` with its time stamp, or 0 (counted lost).
+static __always_inline struct event *reserve_bare(u32 kind) {
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         int zero = 0;
@@ -81,13 +82,9 @@ static __always_inline struct event *reserve(u32 kind) {
             (*n)++;
         return 0;
     }
-    u64 id = bpf_get_current_pid_tgid();
     __builtin_memset(e, 0, sizeof(*e));
     e->ts = bpf_ktime_get_ns();
-    e->tgid = id >> 32;
-    e->tid = (u32)id;
     e->kind = kind;
-    bpf_get_current_comm(e->comm, sizeof(e->comm));
     return e;
 }
 
@@ -95,17 +92,44 @@ static __always_inline struct event *reserve(u32 kind) {
 // cannot depend on how full the ring is: it is fixed at build time.)
 static __always_inline void submit(struct event *e) {
 #ifdef WITH_SCHED
-    if (e->kind != EV_EXEC && e->kind != EV_EXIT) {
+    // Only kinds that begin XSTATE or KVM work add the process to the
+    // watched table (the loader adds VMMs that were running before it): a
+    // table update on every record was a tenth of a record's cost.
+    u32 k = e->kind;
+    if (k == EV_PERM || k == EV_VM_CREATE || k == EV_VCPU_CREATE || k == EV_CPUID) {
         u32 tgid = e->tgid;
-        // A lookup first: most records come from processes already watched,
-        // and a lookup is cheaper than an update.
-        if (!watched.lookup(&tgid)) {
-            u8 one = 1;
-            watched.update(&tgid, &one);
-        }
+        u8 one = 1;
+        watched.update(&tgid, &one);
     }
 #endif
     events.ringbuf_submit(e, SUBMIT_FLAGS);
+}
+
+// Per thread, in task local storage (freed with its task, so no path can
+// leak an entry, and cheaper than a hash keyed by thread id).
+struct ioctl_call {
+    void *obj;     // struct kvm_vcpu * (struct kvm * for KVM_CREATE_VCPU, 0 for KVM_CREATE_VM)
+    u64 arg;       // the ioctl's argument
+    u32 cmd;       // 0: no call in flight
+};
+struct task_ctx {
+    void *running;  // the struct kvm_vcpu * of this thread's KVM_RUN in progress, or 0
+    // Kprobe backend: a call between its entry and return probes (the
+    // tracepoint backend has the syscall's arguments at its exit).
+    struct ioctl_call call;
+    u64 prctl_arg2;
+    u32 prctl_option;  // 0: no arch_prctl in flight
+};
+BPF_TASK_STORAGE(task_ctxs, struct task_ctx);
+
+static __always_inline struct task_ctx *this_task(int create) {
+    return task_ctxs.task_storage_get(bpf_get_current_task_btf(), 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+
+// The vCPU this thread runs (inside KVM_RUN), or 0.
+static __always_inline void *running_vcpu(void) {
+    struct task_ctx *t = this_task(0);
+    return t ? t->running : 0;
 }
 
 static __always_inline void *read_ptr(void *base, u64 off) {
@@ -126,6 +150,50 @@ static __always_inline u32 read_u32(void *base, u64 off) {
     return v;
 }
 
+// Loads from kernel objects reached from BTF pointers (the task, pt_regs):
+// plain loads in a BTF program (tp_btf: `direct`, the verifier checks them
+// against the kernel's BTF), bpf_probe_read_kernel elsewhere. `direct` is a
+// constant wherever these are inlined: the other branch compiles away.
+static __always_inline u64 kload64(const void *base, u64 off, int direct) {
+    return direct ? *(volatile const u64 *)((const char *)base + off) : read_u64((void *)base, off);
+}
+
+static __always_inline u32 kload32(const void *base, u64 off, int direct) {
+    return direct ? *(volatile const u32 *)((const char *)base + off) : read_u32((void *)base, off);
+}
+
+static __always_inline void *current_task(int direct) {
+    return direct ? (void *)bpf_get_current_task_btf() : (void *)bpf_get_current_task();
+}
+
+// A record of `kind` from the current thread, or 0 (counted lost). `direct`
+// (BTF programs): its ids and comm by plain loads from the task, two helper
+// calls fewer per record.
+static __always_inline struct event *reserve_in(u32 kind, int direct) {
+    struct event *e = reserve_bare(kind);
+    if (!e)
+        return 0;
+#ifdef OFF_TASK_COMM
+    if (direct) {
+        const void *task = current_task(1);
+        e->tid = kload32(task, OFF_TASK_PID, 1);
+        e->tgid = kload32(task, OFF_TASK_TGID, 1);
+        u64 comm[2] = {kload64(task, OFF_TASK_COMM, 1), kload64(task, OFF_TASK_COMM + 8, 1)};
+        __builtin_memcpy(e->comm, comm, sizeof(e->comm));
+        return e;
+    }
+#endif
+    u64 id = bpf_get_current_pid_tgid();
+    e->tgid = id >> 32;
+    e->tid = (u32)id;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    return e;
+}
+
+static __always_inline struct event *reserve(u32 kind) {
+    return reserve_in(kind, 0);
+}
+
 #ifdef WITH_GUEST_PERM
 // current->group_leader's fpu.guest_perm.__state_perm, lock flag (bit 63)
 // included: the permission the kernel enforces for the whole process.
@@ -139,23 +207,26 @@ static __always_inline int read_guest_perm(u64 *perm) {
 
 // current->files->fdt->fd[fd] (no RCU lock is possible here; the ioctl holds
 // a reference to this file, and a racing close only makes the read fail).
-static __always_inline void *fd_file(u32 fd) {
-    void *task = (void *)bpf_get_current_task();
-    void *files = read_ptr(task, OFF_TASK_FILES);
-    void *fdt = read_ptr(files, OFF_FILES_FDT);
-    if (!fdt || fd >= read_u32(fdt, OFF_FDTABLE_MAX_FDS))
+static __always_inline void *fd_file(u32 fd, int direct) {
+    const void *files = (const void *)kload64(current_task(direct), OFF_TASK_FILES, direct);
+    if (!files)
         return 0;
-    void **fds = read_ptr(fdt, OFF_FDTABLE_FD);
+    const void *fdt = (const void *)kload64(files, OFF_FILES_FDT, direct);
+    if (!fdt || fd >= kload32(fdt, OFF_FDTABLE_MAX_FDS, direct))
+        return 0;
+    void **fds = (void **)kload64(fdt, OFF_FDTABLE_FD, direct);
     return read_ptr(fds, (u64)fd * sizeof(void *));
 }
 
-// The file's private_data if it is a KVM anon-inode file whose dentry name
-// is "kvm-vm" or starts with "kvm-vcpu:": the ioctl numbers alone are not
-// unique to KVM, and the fops symbols are not in kallsyms here.
-static __always_inline void *kvm_file_data(u32 fd, int vcpu) {
-    void *file = fd_file(fd);
-    if (!file)
-        return 0;
+// f_op of vCPU files (0) and VM files (1), learned from the first file whose
+// dentry name says so: then one compare recognises a KVM file, where reading
+// and comparing its name took three helper calls.
+BPF_ARRAY(kvm_fops, u64, 2);
+
+// Whether `file`'s dentry name is "kvm-vm", or starts with "kvm-vcpu:": the
+// ioctl numbers alone are not unique to KVM, and the fops symbols are not in
+// kallsyms.
+static __always_inline int kvm_file_named(void *file, int vcpu) {
     void *dentry = read_ptr(file, OFF_FILE_DENTRY);
     const char *name = read_ptr(dentry, OFF_DENTRY_NAME);
     char buf[10] = {};
@@ -163,51 +234,56 @@ static __always_inline void *kvm_file_data(u32 fd, int vcpu) {
         return 0;
     if (buf[0] != 'k' || buf[1] != 'v' || buf[2] != 'm' || buf[3] != '-')
         return 0;
-    if (vcpu) {
-        if (buf[4] != 'v' || buf[5] != 'c' || buf[6] != 'p' || buf[7] != 'u' || buf[8] != ':')
-            return 0;
-    } else if (buf[4] != 'v' || buf[5] != 'm' || buf[6] != 0) {
+    if (vcpu)
+        return buf[4] == 'v' && buf[5] == 'c' && buf[6] == 'p' && buf[7] == 'u' && buf[8] == ':';
+    return buf[4] == 'v' && buf[5] == 'm' && buf[6] == 0;
+}
+
+// The file's private_data (struct kvm_vcpu * or struct kvm *) if fd is a
+// KVM vCPU (vcpu) or VM file of the current process, else 0.
+static __always_inline void *kvm_file_data(u32 fd, int vcpu, int direct) {
+    void *file = fd_file(fd, direct);
+    if (!file)
         return 0;
+    u64 f_op = 0;
+    void *data = 0;
+#if OFF_FILE_PRIVATE_DATA > OFF_FILE_F_OP && OFF_FILE_PRIVATE_DATA - OFF_FILE_F_OP < 64
+    u64 span[(OFF_FILE_PRIVATE_DATA - OFF_FILE_F_OP) / 8 + 1] = {};  // both in one read
+    if (bpf_probe_read_kernel(span, sizeof(span), (char *)file + OFF_FILE_F_OP) != 0)
+        return 0;
+    f_op = span[0];
+    data = (void *)span[(OFF_FILE_PRIVATE_DATA - OFF_FILE_F_OP) / 8];
+#else
+    f_op = read_u64(file, OFF_FILE_F_OP);
+    data = read_ptr(file, OFF_FILE_PRIVATE_DATA);
+#endif
+    u32 slot = vcpu ? 0 : 1;
+    u64 *known = kvm_fops.lookup(&slot);
+    if (!known || !f_op)
+        return 0;
+    if (*known != f_op) {
+        if (!kvm_file_named(file, vcpu))
+            return 0;
+        *known = f_op;
     }
-    return read_ptr(file, OFF_FILE_PRIVATE_DATA);
+    return data;
 }
 
 // Fill the VM identity and vCPU id of a record from its struct kvm_vcpu.
 static __always_inline void set_vcpu(struct event *e, void *vcpu) {
+#if OFF_VCPU_ID > OFF_VCPU_KVM && OFF_VCPU_ID - OFF_VCPU_KVM < 64
+    u64 span[(OFF_VCPU_ID - OFF_VCPU_KVM) / 8 + 1] = {};  // both in one read
+    bpf_probe_read_kernel(span, sizeof(span), (char *)vcpu + OFF_VCPU_KVM);
+    e->vm = span[0];
+    __builtin_memcpy(&e->arg, (char *)span + (OFF_VCPU_ID - OFF_VCPU_KVM), sizeof(e->arg));
+#else
     e->vm = (u64)read_ptr(vcpu, OFF_VCPU_KVM);
     bpf_probe_read_kernel(&e->arg, sizeof(e->arg), (char *)vcpu + OFF_VCPU_ID);
+#endif
 }
 
-#endif  // WITH_KVM_IOCTL
-
-#ifdef WITH_KVM_IOCTL
 #define KVM_RUN 0xAE80
 
-// A KVM ioctl between its sys_enter and sys_exit, keyed by thread id. The
-// exit tracepoint has only the result, so what the call was about is kept
-// here. For KVM_RUN it is also how the kvm tracepoints that fire inside it
-// (kvm_fpu, kvm_msr, kvm_exit, kvm_entry), whose fields name no vCPU
-// pointer, find the vCPU. LRU so that no path can leak an entry for good.
-struct ioctl_call {
-    void *obj;     // struct kvm_vcpu * (struct kvm * for KVM_CREATE_VCPU, 0 for KVM_CREATE_VM)
-    u64 value;     // cpuid: CPUID.0xD.0 EDX:EAX; xcrs: XCR0; msrs: XFD; set_xsave: XSTATE_BV
-    u64 value2;    // msrs: XFD_ERR; set_xsave: XCOMP_BV
-    u64 uarg;      // the ioctl's user pointer
-    u32 cmd;
-    s32 arg;       // KVM_CREATE_VCPU: the id asked for
-    u32 flags;
-    u32 size;      // xsave: bytes the call copies
-    s32 idx1;      // msrs: entry index of XFD (-1: none)
-    s32 idx2;      // msrs: entry index of XFD_ERR (-1: none)
-};
-BPF_TABLE("lru_hash", u32, struct ioctl_call, ioctl_calls, 16384);
-
-// The vCPU this thread runs (inside KVM_RUN), or 0.
-static __always_inline void *running_vcpu(void) {
-    u32 tid = bpf_get_current_pid_tgid();
-    struct ioctl_call *c = ioctl_calls.lookup(&tid);
-    return c && c->cmd == KVM_RUN ? c->obj : 0;
-}
-#endif
+#endif  // WITH_KVM_IOCTL
 
 #endif  // XSTATE_AGENT_COMMON_H

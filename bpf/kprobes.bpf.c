@@ -88,7 +88,7 @@ int kp_dev_ioctl(struct pt_regs *ctx) {
 
 // The return of each of the three.
 int kp_ioctl_ret(struct pt_regs *ctx) {
-    return exit_ioctl((long)PT_REGS_RC(ctx));
+    return end_call((long)PT_REGS_RC(ctx));
 }
 
 // kvm_arch_init_vm(kvm, type): a new VM, where kvm_dev_ioctl cannot be probed.
@@ -108,13 +108,12 @@ int kp_arch_init_vm(struct pt_regs *ctx) {
 // begins; it has no return probe, as it may last as long as the guest runs
 // (a kretprobe instance held per running vCPU).
 int kp_vcpu_ioctl(struct pt_regs *ctx) {
-    u32 cmd = PT_REGS_PARM2(ctx);
-    if (cmd == KVM_RUN) {
-        void *vcpu = read_ptr((void *)PT_REGS_PARM1(ctx), OFF_FILE_PRIVATE_DATA);
-        return vcpu ? begin_call(vcpu, KVM_RUN, 0) : 0;
-    }
-    u32 tid = bpf_get_current_pid_tgid();
-    ioctl_calls.delete(&tid);
+    void *vcpu = 0;
+    if ((u32)PT_REGS_PARM2(ctx) == KVM_RUN)
+        vcpu = read_ptr((void *)PT_REGS_PARM1(ctx), OFF_FILE_PRIVATE_DATA);
+    struct task_ctx *t = this_task(vcpu != 0);
+    if (t)
+        t->running = vcpu;
     return 0;
 }
 #endif

@@ -32,16 +32,7 @@
 
 #ifdef WITH_ARCH_PRCTL
 #include "arch_prctl.h"
-
-int on_enter_arch_prctl(struct tracepoint__syscalls__sys_enter_arch_prctl *args) {
-    return enter_arch_prctl(args->option, args->arg2);
-}
-
-int on_exit_arch_prctl(struct tracepoint__syscalls__sys_exit_arch_prctl *args) {
-    return exit_arch_prctl(args->ret);
-}
 #endif
-
 #ifdef WITH_FPU_LOAD
 #include "fpu_load.h"
 
@@ -56,14 +47,29 @@ int on_kvm_fpu(struct tracepoint__kvm__kvm_fpu *args) {
 
 #ifdef WITH_KVM_IOCTL
 #include "kvm_ioctl.h"
+#endif
 
-int on_enter_ioctl(struct tracepoint__syscalls__sys_enter_ioctl *args) {
-    return enter_ioctl(args->fd, args->cmd, args->arg);
+#if defined(WITH_ARCH_PRCTL) || defined(WITH_KVM_IOCTL)
+#include "syscalls.h"
+
+// Each hook twice; the loader takes the first that loads (syscalls.h).
+int on_sys_exit_btf(u64 *ctx) {
+    return sys_exit(ctx, 1);
 }
 
-int on_exit_ioctl(struct tracepoint__syscalls__sys_exit_ioctl *args) {
-    return exit_ioctl(args->ret);
+int on_sys_exit_raw(u64 *ctx) {
+    return sys_exit(ctx, 0);
 }
+
+#ifdef WITH_KVM_RUN
+int on_sys_enter_btf(u64 *ctx) {
+    return sys_enter(ctx, 1);
+}
+
+int on_sys_enter_raw(u64 *ctx) {
+    return sys_enter(ctx, 0);
+}
+#endif
 #endif
 
 #ifdef WITH_GUEST_XCR0

@@ -1,7 +1,7 @@
-"""The live runtime's parts without a kernel: backend choice per source, the events log, the reader loop.
+"""The live runtime's parts without a kernel: backend choice per source, the reader loop (the events log:
+test_eventlog.py).
 (tests/live/ runs the real thing.)"""
 
-import errno
 import json
 import os
 import sys
@@ -9,9 +9,10 @@ import sys
 import pytest
 
 import agent.live as live
+from agent.eventlog import LiveEventLog
 from agent.events import model as m
 from agent.events.reader import read_files
-from agent.live import LiveEventLog, LiveRunner, NoProbes, Probes, kernel_config
+from agent.live import LiveRunner, NoProbes, Probes, kernel_config
 from agent.pipeline import Pipeline
 from agent.policy.engine import Engine
 from agent.stats import Stats
@@ -96,64 +97,6 @@ def test_probes_reported_to_the_statistics(fake):
     assert snap.probes[("guest_xcr0", "tracepoint")] == 0
     # xcr0 still has kvm_ioctl (host writes); guest_xcr0 adds nothing while detached.
     assert snap.sources["xcr0"] == 1 and snap.sources["perm"] == 1 and snap.sources["fpu_load"] == 1
-
-
-def _perm(ts, tgid=7, **kw):
-    return m.Perm(v=1, ts=ts, tgid=tgid, option=kw.pop("option", "GET_XCOMP_SUPP"), ret=kw.pop("ret", 0), **kw)
-
-
-def test_events_log_appends_with_line_numbers(tmp_path):
-    path = tmp_path / "sub" / "events.jsonl"
-    log = LiveEventLog(str(path))
-    log.comment("run 1")
-    assert log.write([_perm(1, mask=3), _perm(2, mask=3)]) == [2, 3]
-    log.close()
-    with open(path, "ab") as f:
-        f.write(b'{"v":1,"ts":3,"kind":"exit"')  # a line cut short by a crash
-    log = LiveEventLog(str(path))
-    # The cut line is ended (and stays invalid: replay stops there); ours start on the next.
-    assert log.write([_perm(4)]) == [5]
-    log.close()
-    assert path.read_bytes().count(b"\n") == 5
-
-
-def test_a_failed_write_loses_the_batch_and_nothing_else(tmp_path):
-    path = tmp_path / "events.jsonl"
-    stats = Stats(Engine())
-    warnings = []
-    log = LiveEventLog(str(path), stats, warn=warnings.append)
-    assert log.write([_perm(1)]) == [1]
-    real = log._write
-
-    calls = []
-
-    def disk_full(fd, data):  # half a batch goes in, then ENOSPC
-        calls.append(len(data))
-        if len(calls) % 2:
-            return real(fd, bytes(data[:len(data) // 2]))
-        raise OSError(errno.ENOSPC, "No space left on device")
-    log._write = disk_full
-    assert log.write([_perm(2), _perm(3)]) is None
-    assert log.write([_perm(4)]) is None
-    log._write = real
-    assert log.write([_perm(5)]) == [2]
-    log.close()
-    assert log.lost == 3 and stats.snapshot().lost["events_log"] == 3
-    assert len(warnings) == 1 and "No space left on device" in warnings[0]
-    # The file holds whole lines only: the events that went in.
-    (_, events, _), = read_files([str(path)])
-    assert [e.ts for e in events] == [1, 5]
-
-
-def test_reopen_after_rotation(tmp_path):
-    path = tmp_path / "events.jsonl"
-    log = LiveEventLog(str(path))
-    log.write([_perm(1)])
-    os.rename(path, tmp_path / "events.jsonl.1")
-    log.reopen()
-    assert log.write([_perm(2)]) == [1]
-    log.close()
-    assert path.read_text().count("\n") == 1
 
 
 def test_runner_logs_judges_and_points_violations_into_the_log(fake, tmp_path, capsys):

@@ -37,11 +37,35 @@ NONE: tuple = ()
 class Engine:
     def __init__(self, profile: str = UPSTREAM, dyn: int = DEFAULT_DYN,
                  max_processes: int = DEFAULT_MAX_PROCESSES, max_vcpus: int = DEFAULT_MAX_VCPUS):
-        self.profile = make_profile(profile, dyn)
-        self.rules = tuple(r for r in RULES if self.profile.name in r.profiles)
         self.state = Tracker(max_processes, max_vcpus)
         # Refused operations are counted, not judged (but for the rules about refusals).
         self.refused: Counter = Counter()
+        self._use(make_profile(profile, dyn))
+        # The tracker's maps, which judge() reads for nearly every event.
+        self._procs = self.state.procs
+        self._vcpus = self.state.vcpus
+        self._index = self.state.index
+
+    def set_profile(self, profile: str, dyn: int) -> None:
+        """Judge the next events against `profile` and `dyn`, keeping every process and vCPU tracked.
+
+        Between two events only (the pipeline's thread). Rules read DYN when they run, so a new DYN
+        changes no state. The profiles read some state their own way: one permission mask for both
+        arch_prctl families or two, XFD passthrough from the first non-zero XFD write or only from
+        its event. On a change of profile that state becomes unknown, as if the agent had just
+        started, so that no rule fires on a value learnt under the other reading.
+        """
+        before = self.profile.name
+        self._use(make_profile(profile, dyn))
+        if self.profile.name != before:
+            for p in self.state.procs.values():
+                p.allowed, p.exact, p.granted = [0, 0], [False, False], [0, 0]
+            for c in self.state.vcpus.values():
+                c.passthrough = c.nonzero_xfd = c.xfd = None
+
+    def _use(self, profile) -> None:
+        self.profile = profile
+        self.rules = tuple(r for r in RULES if profile.name in r.profiles)
         checks: dict = {}
         for r in self.rules:
             for kind in r.kinds:
@@ -70,10 +94,6 @@ class Engine:
             t: (locate, before, tuple(f for _, f in checks.get(t, ())), tuple(checks.get(t, ())), update)
             for t, (locate, before, update) in kinds.items()
         }
-        # The tracker's maps, which judge() reads for nearly every event.
-        self._procs = self.state.procs
-        self._vcpus = self.state.vcpus
-        self._index = self.state.index
 
     def judge(self, ev: Event) -> list[Violation] | tuple:
         """Violations that `ev` causes, in rule order; state then moves past it."""

@@ -16,7 +16,9 @@ from array import array
 from dataclasses import dataclass
 
 BTF_MAGIC = 0xEB9F
-SYSFS_BTF = "/sys/kernel/btf"
+# The running kernel's BTF (vmlinux, and a file per module); XSTATE_AGENT_BTF=DIR reads it from DIR instead
+# (tests: a host without BTF).
+SYSFS_BTF = os.environ.get("XSTATE_AGENT_BTF", "/sys/kernel/btf")
 
 # Kinds (include/uapi/linux/btf.h).
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
@@ -51,6 +53,9 @@ class Field:
         return self.bit_offset // 8
 
 
+_STRUCTS, _FUNCS, _TYPEDEFS = frozenset((STRUCT, UNION)), frozenset((FUNC,)), frozenset((TYPEDEF,))
+
+
 class Btf:
     """One BTF blob: vmlinux, or a module's split BTF on top of vmlinux."""
 
@@ -74,8 +79,7 @@ class Btf:
         self._str_base = len(base._strs) + base._str_base if base else 0
         self._index = self._walk()
         self._next_id = self._first_id + len(self._index)
-        self._by_name = None  # name -> [type id] of structs and unions, built on first lookup
-        self._funcs = None  # name -> [type id] of FUNC records, built on first lookup
+        self._by_name: dict[frozenset, dict[str, list[int]]] = {}  # kinds -> name -> [type id]
 
     @classmethod
     def load(cls, path: str = f"{SYSFS_BTF}/vmlinux", base: "Btf | None" = None) -> "Btf":
@@ -180,29 +184,30 @@ class Btf:
 
     # -- lookup by name --
 
-    def structs_named(self, name: str) -> list[int]:
-        """Ids of complete structs and unions called `name`, in this BTF and its base."""
-        if self._by_name is None:
-            by_name: dict[str, list[int]] = {}
+    def _named(self, kinds: frozenset, name: str) -> list[int]:
+        """Ids of named records of `kinds` called `name`, in this BTF and its
+        base; an index per set of kinds, built on first lookup."""
+        index = self._by_name.get(kinds)
+        if index is None:
+            index = self._by_name[kinds] = {}
             w, first = self._words, self._first_id
             for i, at in enumerate(self._index):
-                if (w[at + 1] >> 24) & 0x1F in (STRUCT, UNION) and w[at]:
-                    by_name.setdefault(self.string(w[at]), []).append(first + i)
-            self._by_name = by_name
-        own = self._by_name.get(name, [])
-        return (self.base.structs_named(name) if self.base else []) + own
+                if (w[at + 1] >> 24) & 0x1F in kinds and w[at]:
+                    index.setdefault(self.string(w[at]), []).append(first + i)
+        own = index.get(name, [])
+        return (self.base._named(kinds, name) if self.base else []) + own
+
+    def structs_named(self, name: str) -> list[int]:
+        """Ids of complete structs and unions called `name`, in this BTF and its base."""
+        return self._named(_STRUCTS, name)
 
     def funcs_named(self, name: str) -> list[int]:
         """Ids of FUNC records called `name`, in this BTF and its base."""
-        if self._funcs is None:
-            funcs: dict[str, list[int]] = {}
-            w, first = self._words, self._first_id
-            for i, at in enumerate(self._index):
-                if (w[at + 1] >> 24) & 0x1F == FUNC and w[at]:
-                    funcs.setdefault(self.string(w[at]), []).append(first + i)
-            self._funcs = funcs
-        own = self._funcs.get(name, [])
-        return (self.base.funcs_named(name) if self.base else []) + own
+        return self._named(_FUNCS, name)
+
+    def typedefs_named(self, name: str) -> list[int]:
+        """Ids of typedefs called `name` (e.g. btf_trace_<tracepoint>), in this BTF and its base."""
+        return self._named(_TYPEDEFS, name)
 
     def func_params(self, name: str) -> "tuple[str, ...] | None":
         """Parameter names of function `name` as its FUNC_PROTO gives them (a

@@ -14,11 +14,20 @@ FIELDS = {
     "OFF_TASK_FILES": ("task_struct", "files"),
     "OFF_TASK_GROUP_LEADER": ("task_struct", "group_leader"),
     "OFF_TASK_SIGNAL": ("task_struct", "signal"),
+    "OFF_TASK_TI_STATUS": ("task_struct", "thread_info.status"),
+    "OFF_TASK_PID": ("task_struct", "pid"),
+    "OFF_TASK_TGID": ("task_struct", "tgid"),
+    "OFF_TASK_COMM": ("task_struct", "comm"),
+    "OFF_REGS_DI": ("pt_regs", "di"),
+    "OFF_REGS_SI": ("pt_regs", "si"),
+    "OFF_REGS_DX": ("pt_regs", "dx"),
+    "OFF_REGS_ORIG_AX": ("pt_regs", "orig_ax"),
     "OFF_SIGNAL_LIVE": ("signal_struct", "live.counter"),
     "OFF_FILES_FDT": ("files_struct", "fdt"),
     "OFF_FDTABLE_MAX_FDS": ("fdtable", "max_fds"),
     "OFF_FDTABLE_FD": ("fdtable", "fd"),
     "OFF_FILE_PRIVATE_DATA": ("file", "private_data"),
+    "OFF_FILE_F_OP": ("file", "f_op"),
     "OFF_FILE_DENTRY": ("file", "f_path.dentry"),
     "OFF_DENTRY_NAME": ("dentry", "d_name.name"),
     "OFF_VCPU_KVM": ("kvm_vcpu", "kvm"),
@@ -44,10 +53,14 @@ ENUMS = {
     "VCPU_REG_RDX": ("kvm_reg", "VCPU_REGS_RDX"),
 }
 
+# A syscall's number and arguments from its pt_regs at raw_syscalls:sys_exit,
+# whether it is a 32-bit one (bpf/syscalls.h), and the caller's ids and comm.
+_SYSCALL = ("OFF_REGS_DI", "OFF_REGS_SI", "OFF_REGS_DX", "OFF_REGS_ORIG_AX", "OFF_TASK_TI_STATUS",
+            "OFF_TASK_PID", "OFF_TASK_TGID", "OFF_TASK_COMM")
 # Walking from an ioctl's fd to KVM's objects, and naming the VM and vCPU.
 _FD_TO_VCPU = (
     "OFF_TASK_FILES", "OFF_FILES_FDT", "OFF_FDTABLE_MAX_FDS", "OFF_FDTABLE_FD", "OFF_FILE_PRIVATE_DATA",
-    "OFF_FILE_DENTRY", "OFF_DENTRY_NAME", "OFF_VCPU_KVM", "OFF_VCPU_ID",
+    "OFF_FILE_F_OP", "OFF_FILE_DENTRY", "OFF_DENTRY_NAME", "OFF_VCPU_KVM", "OFF_VCPU_ID",
 )
 _FPSTATE = ("OFF_VCPU_GUEST_FPSTATE", "OFF_FPSTATE_SIZE", "OFF_FPSTATE_XFEATURES")
 
@@ -55,13 +68,13 @@ _FPSTATE = ("OFF_VCPU_GUEST_FPSTATE", "OFF_FPSTATE_SIZE", "OFF_FPSTATE_XFEATURES
 # are in tracepoint_backend.PROBES; its C code is built under -DWITH_<GROUP>.
 GROUPS = {
     # perm: ARCH_GET/REQ_XCOMP_* calls.
-    "arch_prctl": (),
+    "arch_prctl": _SYSCALL,
     # Not a probe: perm and fpu_load events carry the process's guest
     # permission as the kernel holds it (group_leader's fpu.guest_perm).
     "guest_perm": ("OFF_TASK_GROUP_LEADER", "OFF_TASK_GUEST_PERM"),
     # vcpu_create, cpuid, host xcr0 (with read-backs of what KVM derived), and
     # new VMs; the base of every KVM source below.
-    "kvm_ioctl": _FD_TO_VCPU + ("OFF_VCPU_XCR0", "OFF_VCPU_GUEST_SUPPORTED_XCR0") + _FPSTATE,
+    "kvm_ioctl": _SYSCALL + _FD_TO_VCPU + ("OFF_VCPU_XCR0", "OFF_VCPU_GUEST_SUPPORTED_XCR0") + _FPSTATE,
     # host xfd / xfd_err (KVM_SET_MSRS).
     "kvm_msrs": (),
     # xsave get/set.
@@ -115,6 +128,7 @@ class Offsets:
     errors: dict[str, str] = field(default_factory=dict)  # define -> why BTF could not give it
     # Whether sched_process_exit has group_dead (set by the loader from tracefs).
     exit_has_group_dead: bool = True
+    btf: KernelBtf | None = None  # what they were resolved from (the loader finds tracepoints' BTF ids there)
 
     def group_error(self, group: str) -> str | None:
         """Why `group` cannot be built from BTF, or None (required groups not included)."""
@@ -137,7 +151,7 @@ class Offsets:
 
 def resolve(btf: KernelBtf | None = None) -> Offsets:
     btf = btf or KernelBtf()
-    out = Offsets()
+    out = Offsets(btf=btf)
     for define, (struct, path) in FIELDS.items():
         try:
             out.values[define] = btf.offset(struct, path)

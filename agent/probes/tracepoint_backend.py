@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from agent.probes import decode
+from agent.probes.btf import BtfError, KernelBtf
+from agent.probes.btfprog import BtfProgError, TpBtfProgram, tracepoint_btf_id
 from agent.probes.offsets import GROUPS, IN_KVM_RUN, REQUIRES, Offsets, resolve
 from agent.probes.vmnames import VmNames
 
@@ -32,24 +34,31 @@ BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 BPF_SOURCE = BPF_DIR / "tracepoints.bpf.c"
 # Where scripts/install-deps.sh merges Debian's split header trees.
 DEFAULT_HEADERS = "/var/lib/xstate-agent/kernel-headers"
-TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+# Where the agent looks for tracefs; XSTATE_AGENT_TRACEFS=DIR, for tests, makes DIR the only place (BCC
+# attaches through its own paths all the same).
+TRACEFS_ENV = "XSTATE_AGENT_TRACEFS"
+TRACEFS = ((os.environ[TRACEFS_ENV],) if TRACEFS_ENV in os.environ
+           else ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"))
 
 # group -> ((tracepoint, BPF function), ...), attached in this order. Exits
 # come before entries so that no call is recorded at entry without a handler
 # for its exit (kvm_entry before kvm_exit likewise). Groups with none are
 # code inside another group's programs (REQUIRES) or extra reads.
+# The raw_syscalls hooks are one program each, shared by the groups that
+# list them (bpf/syscalls.h); sys_enter only marks KVM_RUN for the groups
+# whose tracepoints fire inside it.
+SYS_EXIT = ("raw_syscalls:sys_exit", "on_sys_exit")
+SYS_ENTER = ("raw_syscalls:sys_enter", "on_sys_enter")
 PROBES = {
-    "arch_prctl": (("syscalls:sys_exit_arch_prctl", "on_exit_arch_prctl"),
-                   ("syscalls:sys_enter_arch_prctl", "on_enter_arch_prctl")),
+    "arch_prctl": (SYS_EXIT,),
     "guest_perm": (),
-    "kvm_ioctl": (("syscalls:sys_exit_ioctl", "on_exit_ioctl"),
-                  ("syscalls:sys_enter_ioctl", "on_enter_ioctl")),
+    "kvm_ioctl": (SYS_EXIT,),
     "kvm_msrs": (),
     "kvm_xsave": (),
-    "fpu_load": (("kvm:kvm_fpu", "on_kvm_fpu"),),
-    "guest_xcr0": (("kvm:kvm_entry", "on_kvm_entry"), ("kvm:kvm_inj_exception", "on_kvm_inj_exception"),
+    "fpu_load": (SYS_ENTER, ("kvm:kvm_fpu", "on_kvm_fpu")),
+    "guest_xcr0": (SYS_ENTER, ("kvm:kvm_entry", "on_kvm_entry"), ("kvm:kvm_inj_exception", "on_kvm_inj_exception"),
                    ("kvm:kvm_emulate_insn", "on_kvm_emulate_insn"), ("kvm:kvm_exit", "on_kvm_exit")),
-    "guest_msr": (("kvm:kvm_msr", "on_kvm_msr"),),
+    "guest_msr": (SYS_ENTER, ("kvm:kvm_msr", "on_kvm_msr")),
     "sched": (("sched:sched_process_exit", "on_sched_exit"),
               ("sched:sched_process_exec", "on_sched_exec")),
 }
@@ -204,30 +213,50 @@ class RingReader:
             table = self.bpf[b"watched"]
             table[table.Key(tgid)] = table.Leaf(1)
 
-    def _on_raw(self, _ctx, data, size) -> None:
+    # Records one poll() hands over at most. libbpf reads on while records keep coming: under a flood
+    # faster than the reader it would never return, and the reader would hold every event in one batch
+    # (memory without bound), judge none, and not see SIGTERM or SIGHUP until the flood stopped.
+    POLL_RECORDS = 16384
+    _budget = POLL_RECORDS
+
+    def _on_raw(self, _ctx, data, size) -> int:
+        self._budget -= 1
         try:
             raw = decode.Raw.unpack(ctypes.string_at(data, size))
             event = decode.to_event(raw, self.vms)
         except Exception as e:  # a bad record must not stop the reader
             self.decode_errors += 1
             self.last_decode_error = f"{type(e).__name__}: {e}"
-            return
+            event = None
         if event is not None:
             self.counts[event.kind] += 1
             self.on_event(event, raw)
             if raw.kind in (decode.EV_EXEC, decode.EV_EXIT):
                 self.vms.forget(raw.tgid)
+        return -1 if self._budget <= 0 else 0  # negative: libbpf stops there, the record consumed
 
     def poll(self, timeout_ms: int = 2) -> None:
-        """Wait up to timeout_ms, then hand every waiting record to on_event.
-        Without a wakeup per event the wait always lasts timeout_ms: call this
-        in a loop, it is the reader's timer."""
+        """Wait up to timeout_ms, then hand the waiting records (at most
+        POLL_RECORDS) to on_event. Without a wakeup per event the wait always
+        lasts timeout_ms: call this in a loop, it is the reader's timer."""
+        self._budget = self.POLL_RECORDS
         self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
+        if self._budget > 0:
+            self.bpf.ring_buffer_consume()
 
     def lost(self) -> int:
         """Records dropped in BPF because the ring buffer was full."""
         return sum(sum(v) for v in self.bpf[b"lost"].values()) if self.bpf else 0
+
+
+def default_ringbuf_pages() -> int:
+    """The ring buffer's size in pages: 4096 (16 MiB: a 2 ms poll then absorbs >100k events/s), or
+    XSTATE_RINGBUF_PAGES, a testing knob (a small ring makes the kernel drop records, to test the loss
+    accounting: tests/live/test_reliability.py); 0 when that is not a number, which start() refuses."""
+    try:
+        return int(os.environ.get("XSTATE_RINGBUF_PAGES", 4096))
+    except ValueError:
+        return 0
 
 
 @dataclass
@@ -235,7 +264,7 @@ class TracepointBackend(RingReader):
     KINDS = KINDS
     on_event: Callable  # (event: agent.events.model.Event, raw: decode.Raw) -> None
     groups: tuple[str, ...] = tuple(PROBES)
-    ringbuf_pages: int = 4096  # 16 MiB: a 2 ms poll then absorbs >100k events/s
+    ringbuf_pages: int = field(default_factory=default_ringbuf_pages)
     # No wakeup per event: poll() drains on a timer (see bpf/tracepoints.bpf.c).
     wakeup_per_event: bool = False
     # None: decided from tracefs (group_dead in sched_process_exit's format).
@@ -248,7 +277,10 @@ class TracepointBackend(RingReader):
     last_decode_error: str | None = None
     counts: Counter = field(default_factory=Counter)  # events handed to on_event, by kind
     bpf: object = None
-    attached: list = field(default_factory=list)  # tracepoints in attach order
+    attached: list = field(default_factory=list)  # (tracepoint, detach()) in attach order
+    # raw_syscalls hook -> how it is attached: "tp_btf", or "raw (why tp_btf was not used)".
+    hook_modes: dict = field(default_factory=dict)
+    btf_progs: list = field(default_factory=list)  # TpBtfProgram, closed with the backend
 
     # -- start-up --
 
@@ -259,6 +291,9 @@ class TracepointBackend(RingReader):
             raise BackendError(why)
         if tracefs_root() is None:
             raise BackendError("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")
+        n = self.ringbuf_pages
+        if n < 1 or n & (n - 1):
+            raise BackendError(f"a ring buffer of {n} pages: it must be a power of two (XSTATE_RINGBUF_PAGES)")
         from bcc import BPF
 
         t0 = time.perf_counter()
@@ -350,37 +385,60 @@ class TracepointBackend(RingReader):
             try:
                 for tp, fn in PROBES[g]:
                     if (tp, fn) not in attached:
-                        f = self.bpf.load_func(fn.encode(), BPF.TRACEPOINT)
-                        self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=f.name)
+                        mine.append((tp, self._attach_one(BPF, tp, fn)))
                         attached.add((tp, fn))
-                        mine.append(tp)
                 self.attached += mine
-                self.status[g].attached = True
-                self.status[g].reason = None
+                st = self.status[g]
+                st.attached, st.reason = True, None
+                # How each raw_syscalls hook runs, for doctor: "raw_syscalls:sys_exit (tp_btf)".
+                st.tracepoints = tuple(f"{tp} ({self.hook_modes[tp]})" if tp in self.hook_modes else tp
+                                       for tp in st.tracepoints)
             except Exception as e:  # BCC raises bare Exception
                 self.status[g].reason = f"attach failed: {e}"
-                for tp in reversed(mine):  # a group runs whole or not at all
-                    try:
-                        self.bpf.detach_tracepoint(tp.encode())
-                    except Exception:  # noqa: BLE001 - close() frees what is left
-                        pass
+                for _, undo in reversed(mine):  # a group runs whole or not at all
+                    _quietly(undo)
+
+    def _attach_one(self, BPF, tp: str, fn: str):
+        """Attach `fn` to `tp`; returns what detaches it."""
+        cat, name = tp.split(":")
+        if cat != "raw_syscalls":
+            f = self.bpf.load_func(fn.encode(), BPF.TRACEPOINT)
+            self.bpf.attach_tracepoint(tp=tp.encode(), fn_name=f.name)
+            return lambda: self.bpf.detach_tracepoint(tp.encode())
+        try:
+            prog = TpBtfProgram(f"{fn}_btf", self.bpf.dump_func(f"{fn}_btf".encode()),
+                                tracepoint_btf_id((self.offsets.btf or KernelBtf()).vmlinux, name))
+        except (BtfProgError, BtfError) as e:
+            f = self.bpf.load_func(f"{fn}_raw".encode(), BPF.RAW_TRACEPOINT)
+            self.bpf.attach_raw_tracepoint(tp=name.encode(), fn_name=f.name)
+            self.hook_modes[tp] = f"raw (tp_btf: {e})"
+            return lambda: self.bpf.detach_raw_tracepoint(tp=name.encode())
+        self.btf_progs.append(prog)
+        self.hook_modes[tp] = "tp_btf"
+        return prog.detach
 
     def detach(self) -> None:
         """Stop new records, keeping the ring buffer readable for a last
         poll(). In the reverse of the attach order: entries before exits, so
         a call already in flight still gets its exit record."""
         while self.attached:
-            tp = self.attached.pop()
-            try:
-                self.bpf.detach_tracepoint(tp.encode())
-            except Exception:  # noqa: BLE001 - close() frees what is left
-                pass
+            _quietly(self.attached.pop()[1])
 
     def close(self) -> None:
-        self.attached = []
+        self.detach()
+        for prog in self.btf_progs:
+            prog.close()
+        self.btf_progs = []
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+def _quietly(undo) -> None:
+    try:
+        undo()
+    except Exception:  # noqa: BLE001 - close() frees what is left
+        pass
 
 
 __all__ = ["TracepointBackend", "BackendError", "Status", "Timings", "PROBES", "KINDS", "REPORTS", "IN_KVM_RUN",

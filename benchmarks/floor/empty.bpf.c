@@ -9,9 +9,8 @@ int empty(void *ctx) {
     return 0;
 }
 
-// The same, to load as a raw tracepoint program (BCC keeps one program type
-// per function name): the floor of the alternative hook raw_syscalls:sys_*,
-// compared in the overhead benchmark's notes.
+// The same, for the raw_syscalls hooks, which the agent attaches as BTF raw
+// tracepoint programs (BCC keeps one program type per function name).
 int empty_raw(void *ctx) {
     return 0;
 }

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -49,8 +50,8 @@ class Agent:
             self.stop()
             raise AssertionError(f"the agent did not start (exit {self.proc.returncode}):\n{self.stderr()}")
         self.startup_s = time.monotonic() - self.started
-        self.metrics_url = next(line.split()[-1] for line in self.stderr().splitlines()
-                                if line.startswith("metrics on "))
+        # The line is text, or with --log-format json an object whose msg is that text.
+        self.metrics_url = re.search(r"^(?:{.*\"msg\":\")?metrics on ([^\s\"]+)", self.stderr(), re.M)[1]
         self.returncode = None
 
     def stderr(self) -> str:

@@ -183,7 +183,8 @@ def test_xsetbv_exit_path_is_attached(live, group):
     host; doctor must still show it attached where the kernel has it."""
     group("guest_xcr0")
     st = live.backend.status["guest_xcr0"]
-    assert set(st.tracepoints) == {"kvm:kvm_exit", "kvm:kvm_entry", "kvm:kvm_emulate_insn", "kvm:kvm_inj_exception"}
+    assert set(st.tracepoints) == {"raw_syscalls:sys_enter (tp_btf)", "kvm:kvm_exit", "kvm:kvm_entry",
+                                   "kvm:kvm_emulate_insn", "kvm:kvm_inj_exception"}
 
 
 # ---- guest WRMSR to XFD / XFD_ERR --------------------------------------------
