@@ -121,6 +121,9 @@ EXIT_CONFIG = 5
 EXIT_NO_BTF = 6
 # No tracefs, and it cannot be mounted: no tracepoint can be attached.
 EXIT_NO_TRACEFS = 7
+# Privileges cannot be dropped once the probes are attached (--user unknown, its events log directory
+# not writable by it, ...): the agent does not go on as root.
+EXIT_PRIVILEGES = 8
 
 
 @app.command("run")
@@ -158,6 +161,9 @@ def run_cmd(
                                 "are counted under vm=\"_other\"."),
     log_format: Format = typer.Option(Format.text, "--log-format", help="Messages about the agent on stderr: "
                                       "text lines, or one JSON object per line (ts, level, msg, fields)."),
+    user: str = typer.Option(None, metavar="NAME", help="Live: once the probes are attached, run as this user "
+                             "(name or uid); every capability is dropped either way. Its events log directory "
+                             "must be writable by it."),
 ) -> None:
     """Judge events as they come, from the live probes (default) or recorded logs (--from); violations go to
     stdout as JSON lines. Stops cleanly on SIGINT/SIGTERM; SIGHUP reloads the configuration file and reopens
@@ -170,7 +176,8 @@ def run_cmd(
     4: no event source has a working probe (`xstate-agent doctor` says why);
     5: the configuration file cannot be read or is not valid;
     6: no kernel BTF (/sys/kernel/btf/vmlinux; XSTATE_AGENT_BTF=DIR, for tests, looks in DIR);
-    7: no tracefs, and it cannot be mounted (XSTATE_AGENT_TRACEFS=DIR, for tests, looks in DIR only)."""
+    7: no tracefs, and it cannot be mounted (XSTATE_AGENT_TRACEFS=DIR, for tests, looks in DIR only);
+    8: privileges cannot be dropped once the probes are attached (--user)."""
     # What the command line gives wins over the file, on every reload too.
     given = {key: getattr(value, "value", value) for key, value in ctx.params.items()
              if key in CONFIG_KEYS and getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"}
@@ -255,6 +262,7 @@ def _run_live(cfg: Config, reload: "LiveReload", engine: Engine, stats: Stats, s
               hup: threading.Event, log: Log) -> None:
     """The live agent: attach, then poll, log and judge until stopped (agent/live.py)."""
     from agent.live import LiveRunner, NoProbes, Probes, process_age, sd_notify
+    from agent.privileges import PrivilegeError, describe, drop_privileges
 
     t0 = time.perf_counter()
     _check_host(log)
@@ -262,7 +270,10 @@ def _run_live(cfg: Config, reload: "LiveReload", engine: Engine, stats: Stats, s
     for stage in ("ringbuf", "reader") + (("events_log",) if cfg.events_log else ()):
         stats.lost(stage, 0)
     listen = DEFAULT_LISTEN if cfg.listen is None else cfg.listen
-    server = _serve_metrics(stats, None if listen.lower() in NO_LISTEN else listen, cfg.web_config, log)
+    # Bound now (a port below 1024 needs root), served once privileges are dropped: a thread started
+    # before would keep them.
+    server = _serve_metrics(stats, None if listen.lower() in NO_LISTEN else listen, cfg.web_config, log,
+                            start=False)
     events = None
     if cfg.events_log:
         try:
@@ -291,19 +302,30 @@ def _run_live(cfg: Config, reload: "LiveReload", engine: Engine, stats: Stats, s
                 log.info(f"probe {plan.source}: {plan.backend}" + (f" ({', '.join(plan.kinds)})" if plan.kinds else ""),
                          source=plan.source, backend=plan.backend, kinds=plan.kinds)
             else:
-                log.warning(f"probe {plan.source}: NOT attached: "
-                            + "; ".join(f"{t.backend}: {t.reason}" for t in plan.tried),
-                            source=plan.source, tried={t.backend: t.reason for t in plan.tried})
+                (log.warning if plan.applicable else log.info)(
+                    f"probe {plan.source}: {'NOT attached' if plan.applicable else 'not applicable on this host'}: "
+                    + "; ".join(f"{t.backend}: {t.reason}" for t in plan.tried),
+                    source=plan.source, tried={t.backend: t.reason for t in plan.tried})
+        try:
+            dropped = drop_privileges(cfg.user, [os.path.dirname(os.path.abspath(events.path))] if events else [])
+        except PrivilegeError as e:
+            _fail(log, EXIT_PRIVILEGES, f"dropping privileges: {e}")
+        log.info("privileges: " + describe(dropped), **dropped)
+        if server is not None:
+            server.start()
         if events is not None:
             events.comment(f"xstate-agent {__version__} started pid {os.getpid()} backend {cfg.backend} "
                            f"profile {engine.profile.name}: {probes.summary()}")
         attached = sum(p.attached for p in probes.plans.values())
+        applicable = sum(p.applicable for p in probes.plans.values())
         age = process_age()
         elapsed = time.perf_counter() - t0
-        log.info(f"ready: {attached}/{len(probes.plans)} event sources attached in {elapsed:.2f} s"
+        log.info(f"ready: {attached}/{applicable} event sources attached in {elapsed:.2f} s"
+                 + (f" ({len(probes.plans) - applicable} not applicable on this host)"
+                    if applicable < len(probes.plans) else "")
                  + (f" ({age:.2f} s since the process started)" if age is not None else "")
                  + f": {probes.summary()}" + (f"; events log {events.path}" if events else ""),
-                 attached=attached, sources=len(probes.plans), start_s=round(elapsed, 3),
+                 attached=attached, sources=applicable, start_s=round(elapsed, 3),
                  events_log=events.path if events else None)
         sd_notify("READY=1")
         runner.run(stop)
@@ -394,8 +416,9 @@ def _as_in_file(key: str, value):
     return hex(value) if key == "dyn" else "" if value is None and key in OPTIONAL_PATHS else value
 
 
-def _serve_metrics(stats: Stats, listen: str | None, web_config: str | None, log: Log):
-    """The metrics server on `listen`, started; None without `listen`. Exits on a bad address or config."""
+def _serve_metrics(stats: Stats, listen: str | None, web_config: str | None, log: Log, start: bool = True):
+    """The metrics server bound to `listen` (and started); None without `listen`. Exits on a bad address or
+    config."""
     if listen is None:
         if web_config is not None:
             _fail(log, EXIT_INPUT, "--web-config needs --listen")
@@ -408,7 +431,7 @@ def _serve_metrics(stats: Stats, listen: str | None, web_config: str | None, log
     except OSError as e:
         _fail(log, EXIT_LISTEN, f"--listen {listen}: {e.strerror or e}")
     log.info(f"metrics on {server.url}", plain=True, url=server.url)
-    return server.start()
+    return server.start() if start else server
 
 
 @app.command("doctor")

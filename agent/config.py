@@ -51,11 +51,12 @@ class Config:
     vm_label: bool = True
     max_vms: int = DEFAULT_MAX_VMS
     log_format: str = "text"
+    user: str | None = None
 
 
 KEYS = tuple(f.name for f in fields(Config))
 # Set up once at start: the probes, the metrics server, the engine's state tables.
-NEEDS_RESTART = frozenset({"backend", "listen", "web_config", "max_processes", "max_vcpus"})
+NEEDS_RESTART = frozenset({"backend", "listen", "web_config", "max_processes", "max_vcpus", "user"})
 # "" means none for these (TOML has no null), in the file and on the command line.
 OPTIONAL_PATHS = ("events_log", "web_config")
 
@@ -122,6 +123,12 @@ def _path(v) -> str | None:
     return v or None
 
 
+def _user(v) -> str | None:
+    if not isinstance(v, str) or "\0" in v:
+        raise ValueError(f'expected a user name or uid, or "" for none, not {_describe(v)}')
+    return v or None
+
+
 def _listen(v) -> str:
     if not isinstance(v, str):
         raise ValueError(f'expected "ADDR:PORT", "[IPv6]:PORT", ":PORT" or "none", not {_describe(v)}')
@@ -150,6 +157,7 @@ CHECKS = {
     "vm_label": _boolean,
     "max_vms": _integer(1),
     "log_format": _one_of(*FORMATS),
+    "user": _user,
 }
 
 # ---- the file -----------------------------------------------------------------------------------

@@ -173,10 +173,13 @@ def diagnose(backend: str = "auto") -> dict:
     wanted = {k for p in probes.plans.values() for k in p.kinds}
     sources = [{
         "source": p.source, "kinds": list(p.kinds), "backend": p.backend, "attached": p.attached,
-        "probes": [asdict(t) for t in p.tried],
+        "applicable": p.applicable, "probes": [asdict(t) for t in p.tried],
     } for p in probes.plans.values()]
     failures = probes.failures()
-    ok = all(p.attached for p in probes.plans.values())
+    # A source no backend can serve on this host (kprobe-only on a kernel without kprobes) leaves its
+    # kinds blind, but fails nothing.
+    ok = any(p.attached for p in probes.plans.values()) and all(
+        p.attached for p in probes.plans.values() if p.applicable)
     return {
         "version": __version__,
         "kernel": f"{os.uname().release} {os.uname().machine}",
@@ -221,8 +224,11 @@ def render_text(d: dict) -> str:
     t = d["timings"]
     steps = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.2f} s" for k, v in t.items() if k not in ("start_s", "total_s"))
     n_ok = sum(s["attached"] for s in d["sources"])
+    n_applicable = sum(s["applicable"] for s in d["sources"])
+    n_na = len(d["sources"]) - n_applicable
     verdict = "ok" if d["ok"] else "FAIL"
-    out.append(f"result: {verdict}: {n_ok}/{len(d['sources'])} event sources have a working probe"
+    out.append(f"result: {verdict}: {n_ok}/{n_applicable} event sources have a working probe"
+               + (f" ({n_na} not applicable on this host)" if n_na else "")
                + (f"; failed probes: {', '.join(d['failed_probes'])}" if d["failed_probes"] else "")
                + f" (start-up {t['start_s']:.2f} s" + (f": {steps}" if steps else "") + ")")
     return "\n".join(out)

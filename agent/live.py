@@ -11,10 +11,11 @@ Backends are chosen per event source (a probe group of agent/probes: its
 tracepoints or functions and the events they produce). With `auto` each
 source gets the first backend that attaches it, in AUTO_ORDER (kprobe, what
 production hosts use, then tracepoint); a source is handed to one backend
-only, so no event is reported twice. The kprobe backend is not in this
-version: it is reported unavailable with the reason (a kernel without
-CONFIG_KPROBES, as on the CI machines, or this build), and `auto` uses
-tracepoints for every source.
+only, so no event is reported twice: a source left for the tracepoint
+backend takes the sources whose code it shares with it (kprobes release
+them). Sources only kprobes see (fpstate, vcpu_destroy, passthrough, xfd_nm)
+are not applicable on a kernel without kprobes (the CI machines): doctor
+lists their kinds as blind, not as failures.
 
 The reader runs in the caller's thread: backend.poll(2 ms) hands the ring
 buffer's records over as events, which are appended to the events log in one
@@ -30,6 +31,10 @@ import time
 from dataclasses import dataclass, field
 
 from agent.eventlog import LiveEventLog
+from agent.probes.kprobe_backend import KprobeBackend
+from agent.probes.kprobe_plan import KINDS as KP_KINDS
+from agent.probes.kprobe_plan import SOURCES as KP_SOURCES
+from agent.probes.offsets import REQUIRES as TP_REQUIRES
 from agent.probes.tracepoint_backend import (KINDS, PROBES, TRACEFS_ENV, BackendError, TracepointBackend,
                                              tracefs_root)
 
@@ -41,13 +46,26 @@ POLL_MS = 2
 HEALTH_EVERY_S = 0.5
 
 def sources() -> tuple[str, ...]:
-    """Every event source this version knows, in attach order."""
-    return tuple(PROBES)
+    """Every event source this version knows, in attach order: those of both backends, then those
+    only kprobes see."""
+    return tuple(PROBES) + tuple(s for s in KP_SOURCES if s not in PROBES)
 
 
 def kinds_of(source: str) -> tuple[str, ...]:
     """The event kinds a source produces (none for guest_perm, which adds a field to others)."""
-    return KINDS.get(source, ())
+    return KINDS.get(source) or KP_KINDS.get(source, ())
+
+
+def kvm_vendor() -> str | None:
+    """"intel" or "amd" from the loaded KVM vendor module, else None."""
+    for vendor in ("intel", "amd"):
+        if os.path.isdir(f"/sys/module/kvm_{vendor}"):
+            return vendor
+    return None
+
+
+# Sources that exist on one KVM vendor only, with why they do not apply on the other.
+VENDOR_ONLY = {"xfd_nm": ("intel", "KVM saves XFD_ERR on #NM only under VMX (Intel); this host's KVM is {vendor}")}
 
 
 # ---- what the kernel allows ---------------------------------------------------------------------
@@ -161,9 +179,13 @@ class ProbeState:
     attached: bool = False
     reason: str | None = None
     hooks: tuple[str, ...] = ()  # tracepoints / functions
-    # The whole backend cannot run on this host (e.g. kprobes on a kernel without them): with
-    # `auto` that is a fallback, not a failed probe (doctor --strict).
+    # The whole backend cannot run on this host (e.g. kprobes on a kernel without them), or cannot
+    # serve this source at all (no tracepoint shows fpstate): with `auto` that is a fallback, not a
+    # failed probe (doctor --strict).
     backend_unavailable: bool = False
+    # Attached, then handed to the next backend because a source there shares its code (kvm_ioctl
+    # for fpu_load on tracepoints): no failure either.
+    released: bool = False
 
 
 @dataclass
@@ -176,6 +198,11 @@ class SourcePlan:
     @property
     def attached(self) -> bool:
         return self.backend is not None
+
+    @property
+    def applicable(self) -> bool:
+        """Some backend tried could serve it on this host (fpstate needs kprobes, xfd_nm Intel)."""
+        return self.attached or any(not t.backend_unavailable for t in self.tried)
 
 
 class NoProbes(Exception):
@@ -194,6 +221,7 @@ class Probes:
         self.plans = {s: SourcePlan(s, kinds_of(s)) for s in sources() if only is None or s in only}
         self.backends: dict[str, object] = {}  # name -> started backend
         self.kprobes: KprobeSupport | None = None
+        self._watch_sets: list[set[int]] = []  # per backend, processes it had the other one watch
         self.tracefs_note: str | None = None
         self.start_s = 0.0
 
@@ -230,25 +258,64 @@ class Probes:
 
     def failures(self) -> list[tuple[str, ProbeState]]:
         """(source, probe) of every probe that could not attach on a backend this host can run."""
-        return [(s, t) for s, p in self.plans.items() for t in p.tried if not t.attached and not t.backend_unavailable]
+        return [(s, t) for s, p in self.plans.items() for t in p.tried
+                if not t.attached and not t.backend_unavailable and not t.released]
+
+    def _not_applicable(self, todo: list[str], backend: str, why, hooks=lambda s: ()) -> list[str]:
+        """Record `backend` as unable to serve these sources (why(source) -> reason or None);
+        returns the sources left."""
+        left = []
+        for s in todo:
+            reason = why(s)
+            if reason is None:
+                left.append(s)
+            else:
+                self.plans[s].tried.append(ProbeState(backend, False, reason, hooks(s), backend_unavailable=True))
+        return left
 
     def _start_kprobe(self, todo: list[str]) -> None:
         self.kprobes = kprobe_support(self.thorough)
-        if self.kprobes.available:
-            why = "the kprobe backend is not in this version of xstate-agent (this kernel has kprobes)"
-        else:
-            why = "this kernel has no kprobes"
-        for s in todo:
-            self.plans[s].tried.append(ProbeState("kprobe", False, why, backend_unavailable=True))
+        if not self.kprobes.available:
+            self._not_applicable(todo, "kprobe", lambda s: "this kernel has no kprobes")
+            return
+        vendor = kvm_vendor()
+        todo = self._not_applicable(todo, "kprobe", lambda s: (
+            VENDOR_ONLY[s][1].format(vendor=vendor) if s in VENDOR_ONLY and vendor not in (None, VENDOR_ONLY[s][0])
+            else None))
+        self._start_backend("kprobe", KprobeBackend(self._deliver("kprobe"), groups=tuple(todo)), todo)
+        backend = self.backends.get("kprobe")
+        if backend is None or "tracepoint" not in self.order:
+            return
+        # A source left for the tracepoint backend is built there with the groups it requires (it
+        # shares their code: fpu_load needs kvm_ioctl's fd walk and sys_enter); kprobes hand those
+        # over, so that no event comes from both backends.
+        later = [s for s in todo if s in PROBES and not self.plans[s].attached]
+        need = {r for s in later for r in TP_REQUIRES.get(s, ()) if self.plans[r].backend == "kprobe"}
+        # (Releasing one also releases the kprobe sources built on it: they go to tracepoints too.)
+        for s in backend.release(sorted(need)) if need else ():
+            if s in self.plans and self.plans[s].backend == "kprobe":
+                self.plans[s].backend = None
+                t = self.plans[s].tried[-1]
+                t.attached, t.released = False, True
+                t.reason = f"released to the tracepoint backend, where {', '.join(later)} need(s) its code"
 
     def _start_tracepoint(self, todo: list[str]) -> None:
+        todo = self._not_applicable(todo, "tracepoint", lambda s: None if s in PROBES else "no tracepoint shows it")
         root, self.tracefs_note = ensure_tracefs()
         if root is None:
             for s in todo:
                 self.plans[s].tried.append(ProbeState("tracepoint", False, self.tracefs_note,
                                                       tuple(tp for tp, _ in PROBES.get(s, ()))))
             return
-        backend = TracepointBackend(self.on_event, groups=tuple(todo))
+        groups = list(todo)
+        # guest_perm adds a field, no event: built again here where its readers run here.
+        if "guest_perm" not in groups and {"arch_prctl", "fpu_load"} & set(groups):
+            groups.append("guest_perm")
+        self._start_backend("tracepoint", TracepointBackend(self._deliver("tracepoint"), groups=tuple(groups)),
+                            todo)
+
+    def _start_backend(self, name: str, backend, todo: list[str]) -> None:
+        """Start `backend` for the sources `todo`, record each source's probe; keep it if any attached."""
         try:
             backend.start()
         except Exception as e:  # noqa: BLE001 - BackendError, or what BTF/BCC raised: the reason of every source
@@ -259,17 +326,40 @@ class Probes:
                 st = backend.status.get(s)
                 reason = st.reason if st is not None and st.reason else str(e)
                 hooks = st.tracepoints if st is not None else tuple(tp for tp, _ in PROBES.get(s, ()))
-                self.plans[s].tried.append(ProbeState("tracepoint", False, reason, hooks))
+                self.plans[s].tried.append(ProbeState(name, False, reason, hooks))
             return
-        self.backends["tracepoint"] = backend
+        self.backends[name] = backend
         for s in todo:
             st = backend.status.get(s)
             if st is None:
-                self.plans[s].tried.append(ProbeState("tracepoint", False, "not built by the tracepoint backend"))
+                self.plans[s].tried.append(ProbeState(name, False, f"not built by the {name} backend"))
                 continue
-            self.plans[s].tried.append(ProbeState("tracepoint", st.attached, st.reason, st.tracepoints))
+            self.plans[s].tried.append(ProbeState(name, st.attached, st.reason, st.tracepoints))
             if st.attached:
-                self.plans[s].backend = "tracepoint"
+                self.plans[s].backend = name
+
+    def _deliver(self, name: str):
+        """The event callback of backend `name`. With two backends, each process that sends a record
+        through the one without the sched source is watched by the one with it, so that its exec and
+        exit (which forget its state) are reported whichever backend saw its KVM work."""
+        watched: set[int] = set()
+
+        def on_event(event, raw=None):
+            sched = self.plans.get("sched")
+            if raw is not None and len(self.backends) > 1 and sched is not None and sched.backend:
+                if event.kind in ("exec", "exit"):  # its sched backend forgot it: watch it anew
+                    self._forget(raw.tgid)
+                elif sched.backend != name and raw.tgid not in watched:
+                    watched.add(raw.tgid)
+                    self.backends[sched.backend].watch(raw.tgid)
+            self.on_event(event, raw)
+
+        self._watch_sets.append(watched)
+        return on_event
+
+    def _forget(self, tgid: int) -> None:
+        for watched in self._watch_sets:
+            watched.discard(tgid)
 
     # -- the backend API, over every started backend --
 
@@ -315,10 +405,10 @@ class Probes:
 
     def timings(self) -> dict:
         out = {"start_s": round(self.start_s, 3)}
-        tp = self.backends.get("tracepoint")
-        if tp is not None:
-            t = tp.timings
-            out.update(btf_s=round(t.btf_s, 3), compile_s=round(t.compile_s, 3), attach_s=round(t.attach_s, 3))
+        for b in self.backends.values():  # summed over the backends started
+            t = b.timings
+            for k in ("btf_s", "compile_s", "attach_s"):
+                out[k] = round(out.get(k, 0) + getattr(t, k), 3)
         return out
 
 

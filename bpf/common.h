@@ -110,12 +110,19 @@ static __always_inline void submit(struct event *e) {
 struct ioctl_call {
     void *obj;     // struct kvm_vcpu * (struct kvm * for KVM_CREATE_VCPU, 0 for KVM_CREATE_VM)
     u64 arg;       // the ioctl's argument
+    u64 value;     // cpuid: CPUID.0xD.0 EDX:EAX; msrs: XFD
+    u64 value2;    // msrs: XFD_ERR
     u32 cmd;       // 0: no call in flight
+    u32 flags;
+    s32 idx1;      // msrs: entry index of XFD (-1: none)
+    s32 idx2;      // msrs: entry index of XFD_ERR (-1: none)
 };
 struct task_ctx {
     void *running;  // the struct kvm_vcpu * of this thread's KVM_RUN in progress, or 0
-    // Kprobe backend: a call between its entry and return probes (the
-    // tracepoint backend has the syscall's arguments at its exit).
+    // A KVM ioctl between its entry and its end, for what is read at entry:
+    // every call on the kprobe backend (its return probes have no
+    // arguments), the arrays of KVM_SET_CPUID2 and KVM_SET_MSRS on both
+    // (their loops verify apart from the code that sends records).
     struct ioctl_call call;
     u64 prctl_arg2;
     u32 prctl_option;  // 0: no arch_prctl in flight

@@ -219,17 +219,6 @@ int kp_nm_ret(struct pt_regs *ctx) {
 #endif
 
 #ifdef WITH_SCHED
+// sched.h holds its tracepoint entry points too: the same in both programs.
 #include "sched.h"
-
-int on_sched_exec(struct tracepoint__sched__sched_process_exec *args) {
-    return sched_exec(args->old_pid);
-}
-
-int on_sched_exit(struct tracepoint__sched__sched_process_exit *args) {
-#ifdef EXIT_HAS_GROUP_DEAD
-    return sched_exit(args->group_dead);
-#else
-    return sched_exit(1);
-#endif
-}
 #endif

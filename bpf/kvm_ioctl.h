@@ -30,26 +30,93 @@
 #define XSAVE_HDR_XSTATE_BV 512  // the XSAVE header inside the image
 #define XSAVE_HDR_XCOMP_BV 520
 
-// The leaf 0xD.0 entry of KVM_SET_CPUID2's array: EDX:EAX (XCR0 bits the
-// guest may set). F_VALUE in *flags if found.
-static __always_inline u64 cpuid_leaf_d(char *uarg, u32 *flags) {
-    // struct kvm_cpuid2 {u32 nent, padding; struct kvm_cpuid_entry2 entries[]}
-    // entry2 (40 bytes): function@0 index@4 flags@8 eax@12 ebx@16 ecx@20 edx@24.
-    u32 nent = 0;
-    bpf_probe_read_user(&nent, sizeof(nent), uarg);
+// Reads the arrays of KVM_SET_CPUID2 (its leaf 0xD.0: EDX:EAX, the XCR0 bits
+// the guest may set) and KVM_SET_MSRS (the first XFD and XFD_ERR entries)
+// into `call`, a stack copy: the loops' state stays exact there, which keeps
+// the verifier's work small on every kernel (6.1 included).
+static __always_inline void read_call_arrays(struct ioctl_call *call, char *uarg) {
+    if (call->cmd == KVM_SET_CPUID2) {
+        // struct kvm_cpuid2 {u32 nent, padding; struct kvm_cpuid_entry2 entries[]}
+        // entry2 (40 bytes): function@0 index@4 flags@8 eax@12 ebx@16 ecx@20 edx@24.
+        u32 nent = 0;
+        bpf_probe_read_user(&nent, sizeof(nent), uarg);
 #pragma clang loop unroll(disable)
-    for (u32 i = 0; i < KVM_MAX_CPUID_ENTRIES; i++) {
-        if (i >= nent)
-            break;
-        u32 ent[7] = {};
-        if (bpf_probe_read_user(ent, sizeof(ent), uarg + 8 + i * 40) != 0)
-            break;
-        if (ent[0] == 0xd && ent[1] == 0) {
-            *flags |= F_VALUE;
-            return ((u64)ent[6] << 32) | ent[3];
+        for (u32 i = 0; i < KVM_MAX_CPUID_ENTRIES; i++) {
+            if (i >= nent)
+                break;
+            u32 ent[7] = {};
+            if (bpf_probe_read_user(ent, sizeof(ent), uarg + 8 + i * 40) != 0)
+                break;
+            if (ent[0] == 0xd && ent[1] == 0) {
+                call->value = ((u64)ent[6] << 32) | ent[3];
+                call->flags |= F_VALUE;
+                break;
+            }
+        }
+        return;  // (else every way out of this loop would walk the next one)
+    }
+#ifdef WITH_KVM_MSRS
+    if (call->cmd == KVM_SET_MSRS) {
+        // struct kvm_msrs {u32 nmsrs, pad; struct kvm_msr_entry {u32 index, reserved; u64 data} entries[]}
+        // The first XFD and the first XFD_ERR entry (a VMM writes each MSR once per call).
+        // No test of the indexes here: the verifier would then track their
+        // exact values and walk each pair of them apart (it gave up); the
+        // two flags leave it four states per entry.
+        u32 n = 0;
+        bpf_probe_read_user(&n, sizeof(n), uarg);
+        call->idx1 = call->idx2 = -1;
+        int found1 = 0, found2 = 0;
+#pragma clang loop unroll(disable)
+        for (u32 i = 0; i < KVM_MAX_IO_MSRS; i++) {
+            if (i >= n || (found1 && found2))
+                break;
+            u64 ent[2] = {};
+            if (bpf_probe_read_user(ent, sizeof(ent), uarg + 8 + i * 16) != 0)
+                break;
+            u32 index = (u32)ent[0];
+            if (index == MSR_IA32_XFD && !found1) {
+                found1 = 1;
+                call->idx1 = i;
+                call->value = ent[1];
+            } else if (index == MSR_IA32_XFD_ERR && !found2) {
+                found2 = 1;
+                call->idx2 = i;
+                call->value2 = ent[1];
+            }
         }
     }
+#endif
+}
+
+// Whether `cmd`'s user struct is read at entry (read_call_arrays).
+static __always_inline int read_at_entry(u32 cmd) {
+#ifdef WITH_KVM_MSRS
+    if (cmd == KVM_SET_MSRS)
+        return 1;
+#endif
+    return cmd == KVM_SET_CPUID2;
+}
+
+// Keep a call from its entry to its end in the thread's storage, with what
+// is read at entry.
+static __always_inline int begin_call(void *obj, u32 cmd, u64 arg) {
+    struct ioctl_call call = {.obj = obj, .arg = arg, .cmd = cmd};
+    read_call_arrays(&call, (char *)arg);
+    struct task_ctx *t = this_task(1);
+    if (t)
+        t->call = call;
     return 0;
+}
+
+// The thread's call kept since entry, if it is a `cmd` (any, if 0), taken
+// out of the storage into *out.
+static __always_inline int take_call(u32 cmd, struct ioctl_call *out) {
+    struct task_ctx *t = this_task(0);
+    if (!t || !t->call.cmd || (cmd && t->call.cmd != cmd))
+        return 0;
+    *out = t->call;
+    t->call.cmd = 0;
+    return 1;
 }
 
 // The XCR0 entry of KVM_SET_XCRS's array (KVM applies the first entry with
@@ -139,58 +206,23 @@ static __always_inline void msr_record(void *vcpu, u32 kind, s32 idx, u64 value,
     submit(e);
 }
 
-// Where the MSR loop puts what it found. In map memory, not on the stack:
-// the verifier does not track values there, so the loop's states stay few
-// (exact indexes on the stack, or the result compared with them in the
-// loop, made it walk every iteration apart and give up at 1M instructions).
-struct msrs_found {
-    u64 xfd, err;
-    s32 i_xfd, i_err;  // entry indexes, -1: none
-};
-BPF_PERCPU_ARRAY(msrs_scratch, struct msrs_found, 1);
-
-// The first XFD and the first XFD_ERR entry of the array, in entry order, as
-// KVM applied them (a VMM writes each MSR once per call).
-static __always_inline void report_msrs(void *vcpu, char *uarg, long ret, int direct) {
-    // struct kvm_msrs {u32 nmsrs, pad; struct kvm_msr_entry {u32 index, reserved; u64 data} entries[]}
-    int zero = 0;
-    struct msrs_found *f = msrs_scratch.lookup(&zero);
-    if (!f)
-        return;
-    f->i_xfd = f->i_err = -1;
-    u32 n = 0;
-    bpf_probe_read_user(&n, sizeof(n), uarg);
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < KVM_MAX_IO_MSRS; i++) {
-        if (i >= n)
-            break;
-        u64 ent[2] = {};
-        if (bpf_probe_read_user(ent, sizeof(ent), uarg + 8 + i * 16) != 0)
-            break;
-        u32 index = (u32)ent[0];
-        if (index == MSR_IA32_XFD && f->i_xfd < 0) {
-            f->i_xfd = i;
-            f->xfd = ent[1];
-        } else if (index == MSR_IA32_XFD_ERR && f->i_err < 0) {
-            f->i_err = i;
-            f->err = ent[1];
-        }
-    }
-    struct msrs_found c = *f;
-    if (c.i_err >= 0 && (c.i_xfd < 0 || c.i_err < c.i_xfd)) {
-        msr_record(vcpu, EV_XFD_ERR, c.i_err, c.err, ret, direct);
-        msr_record(vcpu, EV_XFD, c.i_xfd, c.xfd, ret, direct);
+// The XFD and XFD_ERR entries found at entry, in entry order, as KVM applied them.
+static __always_inline void report_msrs(void *vcpu, const struct ioctl_call *c, long ret, int direct) {
+    if (c->idx2 >= 0 && (c->idx1 < 0 || c->idx2 < c->idx1)) {
+        msr_record(vcpu, EV_XFD_ERR, c->idx2, c->value2, ret, direct);
+        msr_record(vcpu, EV_XFD, c->idx1, c->value, ret, direct);
     } else {
-        msr_record(vcpu, EV_XFD, c.i_xfd, c.xfd, ret, direct);
-        msr_record(vcpu, EV_XFD_ERR, c.i_err, c.err, ret, direct);
+        msr_record(vcpu, EV_XFD, c->idx1, c->value, ret, direct);
+        msr_record(vcpu, EV_XFD_ERR, c->idx2, c->value2, ret, direct);
     }
 }
 #endif
 
 // Report a finished KVM ioctl: `cmd` with argument `arg` on `obj` (the
 // struct kvm_vcpu or struct kvm its fd stands for; 0 for /dev/kvm), which
-// returned `ret`.
-static __always_inline int report_ioctl(void *obj, u32 cmd, u64 arg, long ret, int direct) {
+// returned `ret`; `c`: what was read at its entry (read_at_entry(cmd)).
+static __always_inline int report_ioctl(void *obj, u32 cmd, u64 arg, long ret, int direct,
+                                        const struct ioctl_call *c) {
     char *uarg = (char *)arg;
     if (cmd == KVM_CREATE_VM) {
         void *kvm = ret >= 0 ? kvm_file_data(ret, 0, direct) : 0;
@@ -213,7 +245,7 @@ static __always_inline int report_ioctl(void *obj, u32 cmd, u64 arg, long ret, i
         if (ret >= 0)
             return 0;
 #endif
-        report_msrs(obj, uarg, ret, direct);
+        report_msrs(obj, c, ret, direct);
         return 0;
     }
 #endif
@@ -245,9 +277,10 @@ static __always_inline int report_ioctl(void *obj, u32 cmd, u64 arg, long ret, i
 #endif
     u32 flags = 0;
     u64 value = 0;
-    if (cmd == KVM_SET_CPUID2)
-        value = cpuid_leaf_d(uarg, &flags);
-    else if (cmd == KVM_SET_XCRS) {
+    if (cmd == KVM_SET_CPUID2) {
+        value = c->value;
+        flags = c->flags;
+    } else if (cmd == KVM_SET_XCRS) {
         value = xcrs_xcr0(uarg, &flags);
         if (!(flags & F_VALUE))
             return 0;  // no XCR0 in the array: nothing was written
@@ -294,24 +327,12 @@ static __always_inline int report_ioctl(void *obj, u32 cmd, u64 arg, long ret, i
 }
 
 #ifdef KPROBES
-// Kprobe backend: a call is kept from its dispatcher's entry (obj, cmd, arg)
-// to its return (the result).
-static __always_inline int begin_call(void *obj, u32 cmd, u64 arg) {
-    struct task_ctx *t = this_task(1);
-    if (t) {
-        t->call.obj = obj;
-        t->call.arg = arg;
-        t->call.cmd = cmd;
-    }
-    return 0;
-}
-
+// Kprobe backend: every call is kept from its dispatcher's entry (begin_call)
+// to its return.
 static __always_inline int end_call(long ret) {
-    struct task_ctx *t = this_task(0);
-    if (!t || !t->call.cmd)
+    struct ioctl_call c;
+    if (!take_call(0, &c))
         return 0;
-    struct ioctl_call c = t->call;
-    t->call.cmd = 0;
-    return report_ioctl(c.obj, c.cmd, c.arg, ret, 0);
+    return report_ioctl(c.obj, c.cmd, c.arg, ret, 0, &c);
 }
 #endif

@@ -43,3 +43,15 @@ static __always_inline int sched_exit(int group_dead) {
     submit(e);
     return 0;
 }
+
+int on_sched_exec(struct tracepoint__sched__sched_process_exec *args) {
+    return sched_exec(args->old_pid);
+}
+
+int on_sched_exit(struct tracepoint__sched__sched_process_exit *args) {
+#ifdef EXIT_HAS_GROUP_DEAD
+    return sched_exit(args->group_dead);
+#else
+    return sched_exit(1);
+#endif
+}

@@ -3,9 +3,10 @@
 // the host, so each returns at once unless the number is ioctl or
 // arch_prctl. They cost a tenth of syscalls:sys_*_ioctl, which fill a perf
 // buffer with the arguments for every ioctl. At sys_exit the syscall's
-// arguments are still in its pt_regs: calls are reported there whole, with
-// no state kept from entry; sys_enter only marks KVM_RUN (the vCPU the kvm
-// tracepoints inside it belong to).
+// arguments are still in its pt_regs: calls are reported there whole. What
+// sys_enter does: it marks KVM_RUN (the vCPU the kvm tracepoints inside it
+// belong to), and reads the arrays of KVM_SET_CPUID2 and KVM_SET_MSRS
+// (kvm_ioctl.h: their loops verify apart from the record code).
 //
 // Each is built twice (the loader takes the first that loads): *_btf, a
 // tp_btf program reading pt_regs, the task and its fd table with plain
@@ -45,13 +46,19 @@ static __always_inline int sys_exit(u64 *ctx, int direct) {
         int target = ioctl_target(cmd);
         if (target == -2)
             return 0;
+        struct ioctl_call c = {};
+        if (read_at_entry(cmd)) {  // read by sys_enter: its fd was checked there
+            if (!take_call(cmd, &c))
+                return 0;
+            return report_ioctl(c.obj, cmd, c.arg, ret, direct, &c);
+        }
         void *obj = 0;
         if (target >= 0) {
             obj = kvm_file_data(kload64(regs, OFF_REGS_DI, direct), target, direct);
             if (!obj)
                 return 0;
         }
-        return report_ioctl(obj, cmd, kload64(regs, OFF_REGS_DX, direct), ret, direct);
+        return report_ioctl(obj, cmd, kload64(regs, OFF_REGS_DX, direct), ret, direct, &c);
     }
 #endif
 #ifdef WITH_ARCH_PRCTL
@@ -61,19 +68,25 @@ static __always_inline int sys_exit(u64 *ctx, int direct) {
     return 0;
 }
 
-#ifdef WITH_KVM_RUN
 static __always_inline int sys_enter(u64 *ctx, int direct) {
     if (ctx[1] != NR_IOCTL)
         return 0;
     const void *regs = (const void *)ctx[0];
-    if ((u32)kload64(regs, OFF_REGS_SI, direct) != KVM_RUN || compat_syscall(direct))
+    u32 cmd = kload64(regs, OFF_REGS_SI, direct);
+#ifdef WITH_KVM_RUN
+    int run = cmd == KVM_RUN;
+#else
+    int run = 0;
+#endif
+    if ((!run && !read_at_entry(cmd)) || compat_syscall(direct))
         return 0;
     void *vcpu = kvm_file_data(kload64(regs, OFF_REGS_DI, direct), 1, direct);
     if (!vcpu)
         return 0;
+    if (!run)
+        return begin_call(vcpu, cmd, kload64(regs, OFF_REGS_DX, direct));
     struct task_ctx *t = this_task(1);
     if (t)
         t->running = vcpu;
     return 0;
 }
-#endif

@@ -16,13 +16,15 @@
 //                     running kernel's BTF, and VCPU_REG_* indexes of
 //                     kvm_vcpu_arch.regs from BTF's enum kvm_reg
 //   WITH_KVM_RUN      record KVM_RUN calls (for the kvm tracepoint sources)
+//   OFF_REGS_*, OFF_TASK_*  pt_regs and task fields the raw_syscalls hooks
+//                     read (syscalls.h)
 //   EXIT_HAS_GROUP_DEAD  sched_process_exit has the group_dead field (sched.h)
 //
-// Each source's logic is in its header; this file holds only the tracepoint
-// entry points, because BCC builds the `struct tracepoint__cat__event`
-// argument layouts (from tracefs, so they match this kernel) only for
-// functions in the main file. Only sources whose tracepoints exist here may
-// be built (the loader checks).
+// Each source's logic is in its header; this file holds the entry points
+// (sched.h has its own, shared with kprobes.bpf.c). BCC builds the
+// `struct tracepoint__cat__event` argument layouts from tracefs, so they
+// match this kernel, for the text it is given: the headers inlined into it.
+// Only sources whose tracepoints exist here may be built (the loader checks).
 //
 // Functions are not named tracepoint__*: BCC would attach them all at load,
 // and the loader attaches each one itself so that one failure is reported
@@ -61,7 +63,7 @@ int on_sys_exit_raw(u64 *ctx) {
     return sys_exit(ctx, 0);
 }
 
-#ifdef WITH_KVM_RUN
+#ifdef WITH_KVM_IOCTL
 int on_sys_enter_btf(u64 *ctx) {
     return sys_enter(ctx, 1);
 }
@@ -99,17 +101,6 @@ int on_kvm_msr(struct tracepoint__kvm__kvm_msr *args) {
 #endif
 
 #ifdef WITH_SCHED
+// sched.h holds its tracepoint entry points too: the same in both programs.
 #include "sched.h"
-
-int on_sched_exec(struct tracepoint__sched__sched_process_exec *args) {
-    return sched_exec(args->old_pid);
-}
-
-int on_sched_exit(struct tracepoint__sched__sched_process_exit *args) {
-#ifdef EXIT_HAS_GROUP_DEAD
-    return sched_exit(args->group_dead);
-#else
-    return sched_exit(1);
-#endif
-}
 #endif

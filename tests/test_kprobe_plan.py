@@ -200,7 +200,8 @@ def test_kallsyms_reader(tmp_path):
 
 def test_every_bpf_function_named_exists_in_the_program():
     from agent.probes.kprobe_backend import BPF_SOURCE
-    src = BPF_SOURCE.read_text()
+    from agent.probes.tracepoint_backend import program_text
+    src = program_text(BPF_SOURCE)  # with its headers, as BCC gets it
     fns = {h[2] for s in kpp.SOURCES.values() for sl in s.slots for a in sl.alternatives for p in a.probes
            for h in p.hooks()}
     for fn in fns:

@@ -34,7 +34,7 @@ class FakeTracepoint:
         self.decode_errors = 0
         self.ring_lost = 0
         self.vms = type("Names", (), {"name": staticmethod(lambda vm: {"vm-1": "web-1"}.get(vm))})()
-        FakeTracepoint.made.append(self)
+        type(self).made.append(self)
 
     def start(self):
         for g in self.groups:
@@ -74,9 +74,107 @@ def test_auto_gives_each_source_one_backend(fake):
         # kprobe tried first, unavailable; then the tracepoint backend, once.
         assert [t.backend for t in plan.tried] == ["kprobe", "tracepoint"]
         assert plan.tried[0].reason == "this kernel has no kprobes" and plan.tried[0].backend_unavailable
-        assert plan.backend == (None if s == "guest_xcr0" else "tracepoint")
+        if s in PROBES:
+            assert plan.backend == (None if s == "guest_xcr0" else "tracepoint")
+        else:  # only kprobes see it: not applicable here, no failure
+            assert plan.backend is None and plan.tried[1].backend_unavailable
+            assert plan.tried[1].reason == "no tracepoint shows it"
+    assert set(p.plans) == set(PROBES) | {"fpstate", "vcpu_destroy", "passthrough", "xfd_nm"}
     # The kprobe fallback is no failure; the tracepoint that could not attach is.
     assert [(s, t.backend) for s, t in p.failures()] == [("guest_xcr0", "tracepoint")]
+
+
+class FakeKprobe(FakeTracepoint):
+    """KprobeBackend's API: attaches the sources it is given except `fail`; release() as the real one
+    (a source and those built on it), watch() recorded."""
+
+    fail: dict = {}
+    requires = {"kvm_msrs": ("kvm_ioctl",), "kvm_xsave": ("kvm_ioctl",), "fpu_load": ("kvm_ioctl",),
+                "guest_xcr0": ("kvm_ioctl",), "passthrough": ("kvm_msrs", "guest_msr")}
+    made = []
+
+    def __init__(self, on_event, groups=()):
+        super().__init__(on_event, groups)
+        self.watched = []
+
+    def release(self, sources):
+        done, todo = [], list(sources)
+        while todo:
+            s = todo.pop(0)
+            if s not in done and self.status.get(s) and self.status[s].attached:
+                done.append(s)
+                todo += [d for d, reqs in self.requires.items() if s in reqs]
+        for s in done:
+            self.status[s].attached = False
+        return done
+
+    def watch(self, tgid):
+        self.watched.append(tgid)
+
+
+@pytest.fixture
+def with_kprobes(fake, monkeypatch):
+    FakeKprobe.made = []
+    monkeypatch.setattr(live, "KprobeBackend", FakeKprobe)
+    monkeypatch.setattr(live, "kprobe_support", lambda thorough=False: live.KprobeSupport(True, ["CONFIG_KPROBES=y"]))
+    monkeypatch.setattr(live, "kvm_vendor", lambda: "intel")
+    return FakeKprobe
+
+
+def _served(p):
+    return {s: plan.backend for s, plan in p.plans.items()}
+
+
+def test_auto_with_kprobes_uses_no_tracepoint(with_kprobes, fake):
+    p = Probes("auto", lambda ev, raw=None: None)
+    p.start()
+    assert set(_served(p).values()) == {"kprobe"} and fake.made == []
+    assert p.failures() == []
+
+
+def test_a_source_left_for_tracepoints_takes_the_code_it_shares(with_kprobes, fake, monkeypatch):
+    monkeypatch.setattr(FakeKprobe, "fail", {"fpu_load": "fpu_swap_kvm_fpstate is not in kallsyms"})
+    p = Probes("auto", lambda ev, raw=None: None)
+    p.start()
+    served = _served(p)
+    # fpu_load on tracepoints needs kvm_ioctl's code there: kvm_ioctl and the kprobe sources built on
+    # it come over too; the rest stay on kprobes. One backend per source.
+    moved = {"fpu_load", "kvm_ioctl", "kvm_msrs", "kvm_xsave", "guest_xcr0"}
+    assert {s for s, b in served.items() if b == "tracepoint"} == moved - {"guest_xcr0"}  # (fails on the fake)
+    assert served["passthrough"] is None  # needs kvm_msrs on kprobes, which moved: no tracepoint shows it
+    assert served["arch_prctl"] == served["sched"] == served["fpstate"] == "kprobe"
+    assert set(fake.made[0].groups) == moved | {"guest_perm"}
+    kvm = p.plans["kvm_ioctl"].tried
+    assert [t.backend for t in kvm] == ["kprobe", "tracepoint"] and kvm[0].released and not kvm[0].attached
+    assert "released to the tracepoint backend" in kvm[0].reason
+    # Released probes are no failures; the fpu_load kprobe that did not attach is.
+    assert ("fpu_load", "kprobe") in [(s, t.backend) for s, t in p.failures()]
+    assert ("kvm_ioctl", "kprobe") not in [(s, t.backend) for s, t in p.failures()]
+
+
+def test_processes_seen_on_tracepoints_are_watched_by_the_kprobe_sched(with_kprobes, fake, monkeypatch):
+    monkeypatch.setattr(FakeKprobe, "fail", {"fpu_load": "missing"})
+    got = []
+    p = Probes("auto", lambda ev, raw=None: got.append(ev))
+    p.start()
+    kp, tp = p.backends["kprobe"], p.backends["tracepoint"]
+    raw = type("Raw", (), {"tgid": 42})()
+    ev = m.VcpuCreate(v=1, ts=1, tgid=42, vm="vm-1", vcpu=0, ret=0)
+    tp.on_event(ev, raw)
+    tp.on_event(ev, raw)
+    assert kp.watched == [42] and len(got) == 2  # once per process
+    kp.on_event(m.Exec(v=1, ts=2, tgid=42), raw)  # the kprobe sched forgot it at exec
+    tp.on_event(ev, raw)
+    assert kp.watched == [42, 42]
+
+
+def test_xfd_nm_does_not_apply_on_amd(with_kprobes, fake, monkeypatch):
+    monkeypatch.setattr(live, "kvm_vendor", lambda: "amd")
+    p = Probes("auto", lambda ev, raw=None: None)
+    p.start()
+    t = p.plans["xfd_nm"].tried
+    assert [x.backend for x in t] == ["kprobe", "tracepoint"] and all(x.backend_unavailable for x in t)
+    assert "only under VMX (Intel)" in t[0].reason and p.failures() == []
 
 
 def test_only_kprobe_on_a_kernel_without_kprobes(fake):

@@ -8,9 +8,10 @@ import subprocess
 import urllib.error
 
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.exporters.prometheus import WebConfig, WebConfigError, parse_listen
+from agent.exporters.prometheus import MetricsServer, WebConfig, WebConfigError, parse_listen
 from promstack import AGENT, INCIDENT_EVENTS, INCIDENTS, ROOT, Agent, get, make_tls, need
 
 DOCS = ROOT / "docs" / "metrics.md"
@@ -102,6 +103,16 @@ def test_parse_listen():
     for bad in ("9477", "host:", "host:99999", "[nope]:1", "::1:2"):
         with pytest.raises(ValueError):
             parse_listen(bad)
+
+
+def test_a_server_bound_but_never_started_stops():
+    # The live agent binds before attaching and serves only once its privileges are dropped: an agent
+    # that stops in between (no probe) closes the socket without waiting for a loop that never ran.
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1:0")
+    address = server.address
+    server.stop()
+    with socket.socket() as s:
+        assert s.connect_ex(address) != 0
 
 
 # ---- TLS and basic auth -------------------------------------------------------------------------

@@ -95,3 +95,6 @@ def test_bad_records():
         event(rec(d.EV_PERM, op=0x1003))
     with pytest.raises(d.DecodeError, match="record of 10 bytes"):
         d.Raw.unpack(b"\0" * 10)
+    # Any process with /dev/kvm can ask KVM_CREATE_VCPU for id 0x80000000 (refused: -EINVAL).
+    with pytest.raises(d.DecodeError, match="vCPU id -2147483648 out of range"):
+        event(rec(d.EV_VCPU_CREATE, arg=0x80000000, ret=-22))

@@ -2,8 +2,15 @@
 and the id lifecycle, without a kernel."""
 
 import pytest
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from agent.exporters.prometheus import make_registry
+from agent.pipeline import Pipeline
+from agent.policy.engine import Engine
 from agent.probes.vmnames import NAME_MAX, VmNames, name_from_cmdline, sanitise
+from agent.stats import OTHER_VM, Stats
+from helpers import vcpu_create, xcr0
 
 
 def cmdline(*args: str) -> bytes:
@@ -43,13 +50,49 @@ def test_qemu_names(args, name):
 
 
 def test_values_are_sanitised():
-    assert name_from_cmdline(cmdline(QEMU, "-name", "guest=bad\x1b[31mname\n")) == "bad_[31mname_"
+    assert name_from_cmdline(cmdline(QEMU, "-name", "guest=bad\x1b[31mname\n")) == "bad__31mname_"
     assert name_from_cmdline(cmdline(QEMU, "-name", "  padded  ")) == "padded"
     assert name_from_cmdline(cmdline(QEMU, "-name", "x" * 1000)) == "x" * NAME_MAX
-    assert name_from_cmdline(cmdline(QEMU, "-name", "gäst-名前")) == "gäst-名前"
+    assert name_from_cmdline(cmdline(QEMU, "-name", "x" * (NAME_MAX - 1) + " y")) == "x" * (NAME_MAX - 1)
+    assert name_from_cmdline(cmdline(QEMU, "-name", "guest=gäst-名前 1.2_3:a@b+c=d")) == "gäst-名前 1.2_3:a@b+c=d"
+    assert sanitise("e\u0301te") == "\u00e9te"  # composed first: the accent is not "_"
     # Not UTF-8: replaced, not fatal.
-    assert name_from_cmdline(QEMU.encode() + b"\0-name\0\xff\xfe\0") == "\ufffd\ufffd"
+    assert name_from_cmdline(QEMU.encode() + b"\0-name\0\xff\xfe\0") == "__"
     assert sanitise("\x00\x01") == "__" and sanitise("   ") is None
+
+
+@pytest.mark.parametrize("hostile, name", [
+    ('a"b\\c', "a_b_c"),  # label quoting
+    ("line\nbreak\r\u2028", "line_break__"),  # log lines, exposition lines
+    ("<!channel> *bold* `x` $(id)", "__channel_ _bold_ _x_ __id_"),  # Slack, Markdown, shells
+    ("[click](http://evil)", "_click__http:__evil_"),  # Markdown links
+    ("safe\u202egnp.exe", "safe_gnp.exe"),  # a right-to-left override
+    ("{{ .Alerts }}", "__ .Alerts __"),  # template syntax
+])
+def test_hostile_names(hostile, name):
+    assert sanitise(hostile) == name
+
+
+def test_names_that_pass_for_other_series_are_not_used():
+    # An unnamed VM is labelled with its id, the VMs past --max-vms with _other.
+    for reserved in ("vm-1", "vm-42", OTHER_VM):
+        assert sanitise(reserved) is None
+        assert name_from_cmdline(cmdline(QEMU, "-name", reserved, "-uuid", "u-1")) == "u-1"
+    assert sanitise("vm-1a") == "vm-1a" and sanitise("my_other") == "my_other"
+
+
+def test_a_hostile_name_stays_one_label_value_in_the_exposition():
+    hostile = 'x"} 1\nxstate_fake{vm="y\\' + "\x1b" * 100
+    name = name_from_cmdline(cmdline(QEMU, "-name", f"guest={hostile}"))
+    engine = Engine()
+    stats = Stats(engine)
+    Pipeline(engine, observers=[stats]).feed([vcpu_create(vm="vm-1"), xcr0(0x3, vm="vm-1")])
+    stats.set_vm_name("vm-1", name)
+    text = generate_latest(make_registry(stats, process=False)).decode()
+    assert "xstate_fake" not in {f.name for f in text_string_to_metric_families(text)}
+    xsetbv = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "xstate_guest_xsetbv_total"]
+    assert [(s.labels, s.value) for s in xsetbv] == [({"vm": name}, 1.0)]
+    assert name == "x__ 1_xstate_fake_vm=_y_" + "_" * (NAME_MAX - 24)
 
 
 def test_cmdline_without_trailing_nul():

@@ -115,6 +115,10 @@ def to_event(raw: Raw, vms: VmNames) -> Event | None:
         # The process's own buffer (the host's first #NM of a dynamic feature).
         return Fpstate(**common, guest=False, features=raw.value, ret=raw.ret, size=_fpstate_size(raw))
 
+    if raw.arg < 0:
+        # Only a KVM_CREATE_VCPU can carry one: its argument as the caller passed it (KVM refuses ids
+        # past KVM_MAX_VCPU_IDS). The spec's vcpu is 0..2^31-1: such an event would stop replay there.
+        raise DecodeError(f"vCPU id {raw.arg} out of range")
     vcpu = dict(common, vm=vms.id(raw.tgid, raw.vm, raw.ts), vcpu=raw.arg)
     if kind == EV_VCPU_CREATE:
         return VcpuCreate(**vcpu, ret=raw.ret)

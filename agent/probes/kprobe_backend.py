@@ -29,8 +29,8 @@ from typing import Callable
 from agent.probes import decode, kprobe_plan
 from agent.probes.kprobe_plan import GROUP_INDEX, KINDS, REPORTS, REQUIRES, SOURCES, Choice
 from agent.probes.offsets import Offsets
-from agent.probes.tracepoint_backend import (RingReader, BPF_DIR, BackendError, Timings, _headers_env, bcc_available,
-                                             kvm_vm_holders, program_text, tracefs_root, tracepoint_format)
+from agent.probes.tracepoint_backend import (RingReader, BPF_DIR, BackendError, Timings, bcc_available,
+                                             kvm_vm_holders, tracefs_root, tracepoint_format)
 from agent.probes.vmnames import VmNames
 
 BPF_SOURCE = BPF_DIR / "kprobes.bpf.c"
@@ -60,6 +60,9 @@ class KprobeTimings(Timings):
 @dataclass
 class KprobeBackend(RingReader):
     KINDS = KINDS
+    BPF_SOURCE = BPF_SOURCE
+    REQUIRES = REQUIRES
+    UNIT = "source"
     on_event: Callable  # (event: agent.events.model.Event, raw: decode.Raw) -> None
     groups: tuple[str, ...] = tuple(SOURCES)
     ringbuf_pages: int = 4096
@@ -160,37 +163,6 @@ class KprobeBackend(RingReader):
         return [*self.QUIET, f"-DEVENT_SIZE={decode.EVENT_SIZE}", f"-DRINGBUF_PAGES={self.ringbuf_pages}",
                 f"-DSUBMIT_FLAGS={0 if self.wakeup_per_event else 'BPF_RB_NO_WAKEUP'}"] + \
             kprobe_plan.cflags([self.choices[g] for g in groups], self.offsets, self.exit_has_group_dead)
-
-    def _compile(self, BPF, build: list[str]) -> list[str]:
-        """Compile the sources; if that fails, find those that do not compile
-        (each with what it requires), mark them and build the rest."""
-        _headers_env()
-        text = program_text(BPF_SOURCE)
-
-        def compile_(groups):
-            return BPF(text=text.encode(), cflags=self._cflags(groups))
-
-        try:
-            self.bpf = compile_(build)
-            return build
-        except Exception as first:  # BCC raises bare Exception
-            error = first
-        where = f"BCC could not compile {BPF_SOURCE.name} (BCC_KERNEL_SOURCE={os.environ.get('BCC_KERNEL_SOURCE', 'unset')})"
-        good = []
-        for g in build:
-            reqs = REQUIRES.get(g, ())
-            if missing := [r for r in reqs if r not in good]:
-                self.status[g].reason = f"needs source {missing[0]}: {self.status[missing[0]].reason}"
-                continue
-            try:
-                compile_([r for r in good if r in reqs] + [g]).cleanup()
-                good.append(g)
-            except Exception as e:  # noqa: BLE001
-                self.status[g].reason = f"{where}: {e}"
-        if not good:
-            raise BackendError(f"{where}: {error}") from error
-        self.bpf = compile_(good)
-        return good
 
     def _attach(self, BPF, build: list[str]) -> None:
         for g in build:

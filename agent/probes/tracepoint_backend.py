@@ -45,14 +45,15 @@ TRACEFS = ((os.environ[TRACEFS_ENV],) if TRACEFS_ENV in os.environ
 # for its exit (kvm_entry before kvm_exit likewise). Groups with none are
 # code inside another group's programs (REQUIRES) or extra reads.
 # The raw_syscalls hooks are one program each, shared by the groups that
-# list them (bpf/syscalls.h); sys_enter only marks KVM_RUN for the groups
-# whose tracepoints fire inside it.
+# list them (bpf/syscalls.h): sys_enter reads the arrays of KVM_SET_CPUID2
+# and KVM_SET_MSRS, and marks KVM_RUN for the groups whose tracepoints fire
+# inside it.
 SYS_EXIT = ("raw_syscalls:sys_exit", "on_sys_exit")
 SYS_ENTER = ("raw_syscalls:sys_enter", "on_sys_enter")
 PROBES = {
     "arch_prctl": (SYS_EXIT,),
     "guest_perm": (),
-    "kvm_ioctl": (SYS_EXIT,),
+    "kvm_ioctl": (SYS_EXIT, SYS_ENTER),
     "kvm_msrs": (),
     "kvm_xsave": (),
     "fpu_load": (SYS_ENTER, ("kvm:kvm_fpu", "on_kvm_fpu")),
@@ -197,6 +198,39 @@ class RingReader:
 
     KINDS: dict
 
+    def _compile(self, BPF, build: list[str]) -> list[str]:
+        """Compile the sources; if that fails, find those that do not compile
+        (each with what it requires), mark them and build the rest.
+        Uses BPF_SOURCE, REQUIRES (source -> sources it is built on), UNIT."""
+        _headers_env()
+        text = program_text(self.BPF_SOURCE)
+
+        def compile_(groups):
+            return BPF(text=text.encode(), cflags=self._cflags(groups))
+
+        try:
+            self.bpf = compile_(build)
+            return build
+        except Exception as first:  # BCC raises bare Exception
+            error = first
+        where = (f"BCC could not compile {self.BPF_SOURCE.name} "
+                 f"(BCC_KERNEL_SOURCE={os.environ.get('BCC_KERNEL_SOURCE', 'unset')})")
+        good = []
+        for g in build:
+            reqs = self.REQUIRES.get(g, ())
+            if missing := [r for r in reqs if r not in good]:
+                self.status[g].reason = f"needs {self.UNIT} {missing[0]}: {self.status[missing[0]].reason}"
+                continue
+            try:
+                compile_([r for r in good if r in reqs] + [g]).cleanup()
+                good.append(g)
+            except Exception as e:  # noqa: BLE001
+                self.status[g].reason = f"{where}: {e}"
+        if not good:
+            raise BackendError(f"{where}: {error}") from error
+        self.bpf = compile_(good)
+        return good
+
     def kinds_covered(self) -> dict[str, list[str]]:
         """Event kind -> the attached groups (sources) that produce it."""
         out: dict[str, list[str]] = {}
@@ -262,6 +296,9 @@ def default_ringbuf_pages() -> int:
 @dataclass
 class TracepointBackend(RingReader):
     KINDS = KINDS
+    BPF_SOURCE = BPF_SOURCE
+    REQUIRES = REQUIRES
+    UNIT = "group"
     on_event: Callable  # (event: agent.events.model.Event, raw: decode.Raw) -> None
     groups: tuple[str, ...] = tuple(PROBES)
     ringbuf_pages: int = field(default_factory=default_ringbuf_pages)
@@ -342,37 +379,6 @@ class TracepointBackend(RingReader):
     def _cflags(self, groups) -> list[str]:
         return [f"-DEVENT_SIZE={decode.EVENT_SIZE}", f"-DRINGBUF_PAGES={self.ringbuf_pages}",
                 f"-DSUBMIT_FLAGS={0 if self.wakeup_per_event else 'BPF_RB_NO_WAKEUP'}"] + self.offsets.cflags(groups)
-
-    def _compile(self, BPF, build: list[str]) -> list[str]:
-        """Compile the groups; if that fails, find the groups that do not
-        compile (each with what it requires), mark them and build the rest."""
-        _headers_env()
-        text = program_text()
-
-        def compile_(groups):
-            return BPF(text=text.encode(), cflags=self._cflags(groups))
-
-        try:
-            self.bpf = compile_(build)
-            return build
-        except Exception as first:  # BCC raises bare Exception
-            error = first
-        where = f"BCC could not compile {BPF_SOURCE.name} (BCC_KERNEL_SOURCE={os.environ.get('BCC_KERNEL_SOURCE', 'unset')})"
-        good = []
-        for g in build:
-            alone = [r for r in REQUIRES.get(g, ()) if r in good] + [g]
-            if any(r not in good for r in REQUIRES.get(g, ())):
-                self.status[g].reason = f"needs group {REQUIRES[g][0]}: {self.status[REQUIRES[g][0]].reason}"
-                continue
-            try:
-                compile_(alone).cleanup()
-                good.append(g)
-            except Exception as e:
-                self.status[g].reason = f"{where}: {e}"
-        if not good:
-            raise BackendError(f"{where}: {error}") from error
-        self.bpf = compile_(good)
-        return good
 
     def _attach(self, BPF, build: list[str]) -> None:
         attached = set()  # (tracepoint, function) pairs, each attached once

@@ -9,8 +9,20 @@ id, and forget() when the process execs or exits.
 """
 
 import os
+import re
+import unicodedata
+
+from agent.stats import OTHER_VM
 
 NAME_MAX = 64  # characters of a human name kept (it ends up in metric labels)
+ID_PREFIX = "vm-"
+# Whoever names a VM (a tenant, through the cloud's API) writes into the agent's metric labels, and
+# from there into alert notifications (Slack, e-mail, Markdown), dashboards and operators' shells:
+# of a name, letters and digits of any script, space and "-_.,:@+=" are kept; every other character
+# (control and format characters, quotes, backslash, <>&/, `$*|{}[]()...) becomes "_".
+_KEPT = frozenset(" -_.,:@+=")
+# A name must not pass for another series: an unnamed VM's id, or the VMs past --max-vms.
+_RESERVED = re.compile(rf"{re.escape(ID_PREFIX)}\d+|{re.escape(OTHER_VM)}")
 
 
 def _qemu_keyval(value: str, implied: str) -> dict[str, str]:
@@ -51,9 +63,11 @@ def _option(args: list[str], name: str) -> str | None:
 
 
 def sanitise(name: str) -> str | None:
-    """Printable characters only (others become '_'), trimmed, at most NAME_MAX; None if empty."""
-    name = "".join(ch if ch.isprintable() else "_" for ch in name).strip()[:NAME_MAX]
-    return name or None
+    """The name with only letters, digits, space and "-_.,:@+=" (others become '_'), trimmed, at most
+    NAME_MAX characters; None if that is empty or reserved (vm-N, _other)."""
+    name = "".join(ch if ch.isalnum() or ch in _KEPT else "_" for ch in unicodedata.normalize("NFC", name))
+    name = name.strip()[:NAME_MAX].rstrip()
+    return name if name and not _RESERVED.fullmatch(name) else None
 
 
 def name_from_cmdline(cmdline: bytes) -> str | None:
@@ -101,7 +115,7 @@ class VmNames:
         self._proc = proc
 
     def _new(self, tgid: int) -> str:
-        vm = f"vm-{self._next}"
+        vm = f"{ID_PREFIX}{self._next}"
         self._next += 1
         if tgid not in self._by_tgid:
             cmdline = read_cmdline(tgid, self._proc)

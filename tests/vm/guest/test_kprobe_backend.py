@@ -432,3 +432,49 @@ def test_release_hands_sources_back(both, backends, kvm):
     vm.close()  # vcpu_destroy stands alone: still reported
     time.sleep(0.1)
     assert [(e.kind, e.vcpu) for e in b.events("kp")[1:]] == [("vcpu_destroy", 0)]
+
+
+# ---- the live agent with --backend auto --------------------------------------------------------------
+
+AGENT = os.path.join(ROOT, ".venv", "bin", "xstate-agent")
+
+
+def test_doctor_auto_serves_every_source_with_kprobes(backends):
+    """`xstate-agent doctor --strict`: kprobes first, and here they serve every source; the
+    VMX-only #NM save does not apply on this (emulated AMD) host, which fails nothing."""
+    r = subprocess.run([AGENT, "doctor", "--strict", "--format", "json"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = json.loads(r.stdout)
+    served = {s["source"]: (s["backend"], s["applicable"]) for s in d["sources"]}
+    assert served.pop("xfd_nm") == (None, False)
+    assert set(served.values()) == {("kprobe", True)}, served
+    assert d["strict_ok"] and d["failed_probes"] == [] and d["blind_kinds"] == []
+
+
+def test_run_auto_passes_the_selftest(backends, tmp_path):
+    """The operator's check after deploying, on the kprobe backend: `run` (auto), then `selftest`
+    (arch_prctl calls, a VM through KVM ioctls, valid and refused XCR0 writes, an XFD write, a hlt
+    run, a child process) against its events log and metrics."""
+    log = tmp_path / "events.jsonl"
+    agent = subprocess.Popen([AGENT, "run", "--listen", "127.0.0.1:9477", "--events-log", str(log)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 900
+        err = []
+        while time.monotonic() < deadline:
+            line = agent.stderr.readline()
+            assert line, "".join(err)
+            err.append(line)
+            if "ready: " in line:
+                break
+        ready = err[-1]
+        assert "kprobe: " in ready and "tracepoint: " not in ready, "".join(err)
+        r = subprocess.run([AGENT, "selftest", "--events-log", str(log), "--metrics",
+                            "http://127.0.0.1:9477/metrics", "--timeout", "30"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        agent.send_signal(2)
+        agent.wait(timeout=120)
+    assert agent.returncode == 0
