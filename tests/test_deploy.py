@@ -99,7 +99,8 @@ def test_unit_runs_the_live_agent_with_options_it_has(service):
 def test_unit_user_and_events_log_directory(service):
     opts = options(shlex.split(service["ExecStart"][0])[1:])
     log_dir = str(PurePosixPath(opts["--events-log"]).parent)
-    assert service["ReadWritePaths"] == [log_dir]
+    # The log directory, and the state directory where the key of VM ids is made at the first start.
+    assert service["ReadWritePaths"] == [f"{log_dir} /var/lib/xstate-agent"]
     (user,) = config_lines(DEPLOY / "systemd" / "xstate-agent.sysusers")
     assert user[:2] == ["u", opts["--user"]]
     # The directory is the user's: after the drop the agent rotates and reopens the log there.

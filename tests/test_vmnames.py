@@ -1,6 +1,8 @@
 """VM ids and human names (agent.probes.vmnames): QEMU command-line parsing
 and the id lifecycle, without a kernel."""
 
+import re
+
 import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -8,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.exporters.prometheus import make_registry
 from agent.pipeline import Pipeline
 from agent.policy.engine import Engine
-from agent.probes.vmnames import NAME_MAX, VmNames, name_from_cmdline, sanitise
+from agent.probes.vmnames import NAME_MAX, VmNames, name_from_cmdline, sanitise, vm_id_key
 from agent.stats import OTHER_VM, Stats
 from helpers import vcpu_create, xcr0
 
@@ -75,10 +77,10 @@ def test_hostile_names(hostile, name):
 
 def test_names_that_pass_for_other_series_are_not_used():
     # An unnamed VM is labelled with its id, the VMs past --max-vms with _other.
-    for reserved in ("vm-1", "vm-42", OTHER_VM):
+    for reserved in ("vm-1", "vm-42", "vm-3f0c9a1b2e", OTHER_VM):
         assert sanitise(reserved) is None
         assert name_from_cmdline(cmdline(QEMU, "-name", reserved, "-uuid", "u-1")) == "u-1"
-    assert sanitise("vm-1a") == "vm-1a" and sanitise("my_other") == "my_other"
+    assert sanitise("vm-1z") == "vm-1z" and sanitise("my_other") == "my_other"
 
 
 def test_a_hostile_name_stays_one_label_value_in_the_exposition():
@@ -119,6 +121,33 @@ def test_ids_names_and_forgetting(tmp_path):
     v.forget(100)
     assert v.name(a) is None and v.id(100, 0xFFFF0001) not in (a, b)
     assert v.id(200, 0xFFFF0001) == c
+
+
+def _stat(proc, pid, start):
+    d = proc / str(pid)
+    d.mkdir(exist_ok=True)
+    # /proc/PID/stat: the start time is field 22, after a comm that may hold spaces and parentheses.
+    (d / "stat").write_text(f"{pid} (qemu (x) y) S 1 " + " ".join(["0"] * 17) + f" {start} 0 0\n")
+
+
+def test_ids_are_stable_across_agent_restarts_and_reveal_no_address(tmp_path):
+    _stat(tmp_path, 100, 123456)
+    key = b"k" * 32
+    a = VmNames(proc=str(tmp_path), key=key).id(100, 0xFFFF888812345000)
+    again = VmNames(proc=str(tmp_path), key=key)  # a restarted agent, the VMM still running
+    assert again.id(100, 0xFFFF888812345000) == a and re.fullmatch(r"vm-[0-9a-f]{10}", a)
+    assert "12345" not in a
+    # Another host (another key), or another process that got pid 100 later: another id.
+    assert VmNames(proc=str(tmp_path), key=b"o" * 32).id(100, 0xFFFF888812345000) != a
+    _stat(tmp_path, 100, 999999)
+    assert VmNames(proc=str(tmp_path), key=key).id(100, 0xFFFF888812345000) != a
+
+
+def test_the_key_is_made_once_root_only(tmp_path):
+    path = tmp_path / "state" / "vm-id.key"
+    key = vm_id_key(str(path))
+    assert len(key) == 32 and path.read_bytes() == key and (path.stat().st_mode & 0o777) == 0o600
+    assert vm_id_key(str(path)) == key
 
 
 def test_a_new_vm_at_a_freed_address_gets_a_new_id(tmp_path):

@@ -1,13 +1,22 @@
-"""VM identities for events: an opaque stable id per VM ("vm-1", ...) in
-place of the kernel's `struct kvm` address, and a human name for labels,
+"""VM identities for events: an opaque stable id per VM ("vm-3f0c9a1b2e")
+in place of the kernel's `struct kvm` address, and a human name for labels,
 taken from the VMM's command line (QEMU `-name`, else `-uuid`).
 
-No kernel pointer leaves the agent. Ids are keyed by (tgid, address): an
-address can be reused by a later VM, so the backend calls created() when it
-sees a new VM (KVM_CREATE_VM), which gives the next VM at that address a new
-id, and forget() when the process execs or exits.
+An id is a keyed hash of what identifies the VM on this host: its VMM's pid
+and start time, its `struct kvm` address, and which VM at that address it
+is. So an agent restarted while VMs run gives them the ids it gave them
+before, and an events log appended across restarts replays as one history.
+The key (VM_ID_KEY, made at the first run, readable by root only) keeps
+the address out of reach: no kernel pointer leaves the agent, not even
+hashed in a way anyone could reverse by trying addresses.
+
+Ids are keyed by (tgid, address): an address can be reused by a later VM,
+so the backend calls created() when it sees a new VM (KVM_CREATE_VM), which
+gives the next VM at that address a new id, and forget() when the process
+execs or exits.
 """
 
+import hashlib
 import os
 import re
 import unicodedata
@@ -22,7 +31,41 @@ ID_PREFIX = "vm-"
 # (control and format characters, quotes, backslash, <>&/, `$*|{}[]()...) becomes "_".
 _KEPT = frozenset(" -_.,:@+=")
 # A name must not pass for another series: an unnamed VM's id, or the VMs past --max-vms.
-_RESERVED = re.compile(rf"{re.escape(ID_PREFIX)}\d+|{re.escape(OTHER_VM)}")
+_RESERVED = re.compile(rf"{re.escape(ID_PREFIX)}[0-9a-f]+|{re.escape(OTHER_VM)}")
+# The hash key of VM ids (XSTATE_VM_ID_KEY to put it elsewhere).
+VM_ID_KEY = "/var/lib/xstate-agent/vm-id.key"
+
+
+def vm_id_key(path: str | None = None) -> bytes:
+    """The host's key for VM ids: read, else made (root only), else one for this run only (ids are then
+    stable for the run, not across restarts)."""
+    path = path or os.environ.get("XSTATE_VM_ID_KEY", VM_ID_KEY)
+    try:
+        with open(path, "rb") as f:
+            key = f.read(64)
+        if len(key) >= 16:
+            return key
+    except OSError:
+        pass
+    key = os.urandom(32)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+    except OSError:
+        pass  # (another agent made it meanwhile: the next start reads that one)
+    return key
+
+
+def process_start(tgid: int, proc: str = "/proc") -> str:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), "" if gone: with
+    the pid, what tells this process from another that had its pid."""
+    try:
+        with open(os.path.join(proc, str(tgid), "stat"), "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def _qemu_keyval(value: str, implied: str) -> dict[str, str]:
@@ -106,17 +149,24 @@ class VmNames:
     before the record of its creation.
     """
 
-    def __init__(self, proc: str = "/proc"):
+    def __init__(self, proc: str = "/proc", key: bytes | None = None):
         # (tgid, kvm) -> [[since_ts, id or None], ...], ascending since (-1: before any creation seen)
         self._ids: dict[tuple[int, int], list[list]] = {}
         self._names: dict[str, str | None] = {}  # id -> human name
         self._by_tgid: dict[int, str | None] = {}  # one cmdline read per process
-        self._next = 1
+        self._starts: dict[int, str] = {}  # tgid -> its start time
+        self._epochs: dict[int, int] = {}  # tgid -> how many times forgotten (exec) in this run
+        self._made: dict[tuple[int, int], int] = {}  # (tgid, kvm) -> ids made there, for the next one's
         self._proc = proc
+        self._key = key if key is not None else vm_id_key()
 
-    def _new(self, tgid: int) -> str:
-        vm = f"{ID_PREFIX}{self._next}"
-        self._next += 1
+    def _new(self, tgid: int, kvm: int) -> str:
+        if tgid not in self._starts:
+            self._starts[tgid] = process_start(tgid, self._proc)
+        n = self._made.get((tgid, kvm), 0)
+        self._made[(tgid, kvm)] = n + 1
+        what = f"{tgid}:{self._starts[tgid]}:{self._epochs.get(tgid, 0)}:{kvm:x}:{n}"
+        vm = ID_PREFIX + hashlib.blake2b(what.encode(), key=self._key[:64], digest_size=5).hexdigest()
         if tgid not in self._by_tgid:
             cmdline = read_cmdline(tgid, self._proc)
             self._by_tgid[tgid] = name_from_cmdline(cmdline) if cmdline else None
@@ -139,7 +189,7 @@ class VmNames:
                 gen = [-1, None]
                 gens.insert(0, gen)
         if gen[1] is None:
-            gen[1] = self._new(tgid)
+            gen[1] = self._new(tgid, kvm)
         return gen[1]
 
     def name(self, vm: str) -> str | None:
@@ -170,4 +220,10 @@ class VmNames:
             for _, vm in self._ids.pop(key):
                 if vm is not None:
                     self._names.pop(vm, None)
+        for key in [k for k in self._made if k[0] == tgid]:
+            del self._made[key]
         self._by_tgid.pop(tgid, None)
+        # After an exec the same pid (and start time) runs other VMs: a new epoch; after an exit the
+        # pid's next process has another start time.
+        self._epochs[tgid] = self._epochs.get(tgid, 0) + 1
+        self._starts.pop(tgid, None)
