@@ -13,6 +13,11 @@
 //       process's CPU time during the flood), and waits for a line on
 //       stdin before exiting (so that the harness reads the agent's counters
 //       while this process, and its exit, are quiet).
+//   loadgen churn VMS VCPUS
+//       A short-lived VMM (benchmarks/soak.py): the arch_prctl XSTATE
+//       permission calls, then VMS VMs of VCPUS vCPUs made and closed in turn,
+//       each vCPU given one KVM_SET_XCRS and one KVM_RUN of a guest that
+//       halts; then it exits.
 //
 // Pacing: calls are due at start + i / RATE; when ahead of schedule by more
 // than 20 us the process sleeps to the next due time (timer slack 1 ns), so
@@ -27,11 +32,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#define ARCH_GET_XCOMP_SUPP 0x1021
+#define ARCH_GET_XCOMP_PERM 0x1022
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define ARCH_GET_XCOMP_GUEST_PERM 0x1024
+#define ARCH_REQ_XCOMP_GUEST_PERM 0x1025
+#define XFEATURE_XTILEDATA 18
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -87,38 +100,57 @@ static int loop(const char *what, long n, int repeats) {
     return 0;
 }
 
+// KVM_CREATE_VM, then `n` vCPUs, each with KVM_SET_CPUID2 of what KVM supports
+// (the kernel sizes the guest FPU buffer there). Returns the VM's fd and the
+// vCPUs' in vcpus[], or -1 after printing why.
+static int make_vm(int kvm, int n, int *vcpus) {
+    static struct kvm_cpuid2 *cpuid;
+    if (!cpuid) {
+        int nent = 256;
+        cpuid = calloc(1, sizeof(*cpuid) + nent * sizeof(struct kvm_cpuid_entry2));
+        cpuid->nent = nent;
+        if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid) < 0) {
+            perror("KVM_GET_SUPPORTED_CPUID");
+            return -1;
+        }
+    }
+    int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+    if (vm < 0) {
+        perror("KVM_CREATE_VM");
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        vcpus[i] = ioctl(vm, KVM_CREATE_VCPU, i);
+        if (vcpus[i] < 0) {
+            perror("KVM_CREATE_VCPU");
+            return -1;
+        }
+        if (ioctl(vcpus[i], KVM_SET_CPUID2, cpuid) < 0) {
+            perror("KVM_SET_CPUID2");
+            return -1;
+        }
+    }
+    return vm;
+}
+
+static void set_xcr0(struct kvm_xcrs *x, uint64_t value) {
+    memset(x, 0, sizeof(*x));
+    x->nr_xcrs = 1;
+    x->xcrs[0].xcr = 0;
+    x->xcrs[0].value = value;
+}
+
 static int xcrs(double rate, double seconds, uint64_t value) {
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0) {
         perror("/dev/kvm");
         return 1;
     }
-    int vm = ioctl(kvm, KVM_CREATE_VM, 0);
-    if (vm < 0) {
-        perror("KVM_CREATE_VM");
+    int vcpu;
+    if (make_vm(kvm, 1, &vcpu) < 0)
         return 1;
-    }
-    int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
-    if (vcpu < 0) {
-        perror("KVM_CREATE_VCPU");
-        return 1;
-    }
-    int nent = 256;
-    struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + nent * sizeof(struct kvm_cpuid_entry2));
-    cpuid->nent = nent;
-    if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid) < 0) {
-        perror("KVM_GET_SUPPORTED_CPUID");
-        return 1;
-    }
-    if (ioctl(vcpu, KVM_SET_CPUID2, cpuid) < 0) {
-        perror("KVM_SET_CPUID2");
-        return 1;
-    }
     struct kvm_xcrs x;
-    memset(&x, 0, sizeof(x));
-    x.nr_xcrs = 1;
-    x.xcrs[0].xcr = 0;
-    x.xcrs[0].value = value;
+    set_xcr0(&x, value);
 
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
     printf("ready\n");
@@ -157,11 +189,76 @@ static int xcrs(double rate, double seconds, uint64_t value) {
     return 0;
 }
 
+// A short-lived VMM: the arch_prctl permission calls, then VMS VMs made and
+// closed in turn (so their vCPUs are destroyed while the process lives),
+// each with VCPUS vCPUs, each vCPU given one KVM_SET_XCRS and one KVM_RUN of
+// a guest that halts; then it exits.
+static int churn(int vms, int nvcpus) {
+    uint64_t mask;
+    syscall(SYS_arch_prctl, ARCH_GET_XCOMP_SUPP, &mask);
+    syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);  // refused without AMX: still an event
+    syscall(SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &mask);
+    syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_GUEST_PERM, XFEATURE_XTILEDATA);
+    syscall(SYS_arch_prctl, ARCH_GET_XCOMP_GUEST_PERM, &mask);
+    int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (kvm < 0) {
+        perror("/dev/kvm");
+        return 1;
+    }
+    int vcpus[64];
+    if (nvcpus < 1 || nvcpus > 64) {
+        fprintf(stderr, "churn: 1 to 64 vCPUs\n");
+        return 2;
+    }
+    struct kvm_xcrs x;
+    set_xcr0(&x, 0x7);
+    long run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+    for (int v = 0; v < vms; v++) {
+        int vm = make_vm(kvm, nvcpus, vcpus);
+        if (vm < 0)
+            return 1;
+        // A real-mode guest that halts at once: KVM_RUN loads its FPU state (fpu_load).
+        size_t mem_size = 0x10000;
+        unsigned char *mem = mmap(NULL, mem_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mem == MAP_FAILED) {
+            perror("mmap");
+            return 1;
+        }
+        mem[0x1000] = 0xf4;  // hlt
+        struct kvm_userspace_memory_region region = {
+            .slot = 0, .guest_phys_addr = 0, .memory_size = mem_size, .userspace_addr = (uint64_t)mem};
+        if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) {
+            perror("KVM_SET_USER_MEMORY_REGION");
+            return 1;
+        }
+        for (int i = 0; i < nvcpus; i++) {
+            ioctl(vcpus[i], KVM_SET_XCRS, &x);
+            struct kvm_sregs sregs;
+            ioctl(vcpus[i], KVM_GET_SREGS, &sregs);
+            sregs.cs.base = sregs.cs.selector = 0;
+            ioctl(vcpus[i], KVM_SET_SREGS, &sregs);
+            struct kvm_regs regs = {.rip = 0x1000, .rflags = 0x2};
+            ioctl(vcpus[i], KVM_SET_REGS, &regs);
+            void *run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpus[i], 0);
+            if (ioctl(vcpus[i], KVM_RUN, 0) < 0 || ((struct kvm_run *)run)->exit_reason != KVM_EXIT_HLT)
+                fprintf(stderr, "churn: KVM_RUN did not halt\n");
+            munmap(run, run_size);
+            close(vcpus[i]);
+        }
+        close(vm);
+        munmap(mem, mem_size);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 5 && strcmp(argv[1], "loop") == 0)
         return loop(argv[2], atol(argv[3]), atoi(argv[4]));
     if (argc >= 4 && strcmp(argv[1], "xcrs") == 0)
         return xcrs(atof(argv[2]), atof(argv[3]), argc > 4 ? strtoull(argv[4], NULL, 0) : 0x7);
-    fprintf(stderr, "usage: loadgen loop getppid|fionread N REPEATS | loadgen xcrs RATE SECONDS [VALUE]\n");
+    if (argc >= 4 && strcmp(argv[1], "churn") == 0)
+        return churn(atoi(argv[2]), atoi(argv[3]));
+    fprintf(stderr, "usage: loadgen loop getppid|fionread N REPEATS | loadgen xcrs RATE SECONDS [VALUE]"
+                    " | loadgen churn VMS VCPUS\n");
     return 2;
 }

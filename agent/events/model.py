@@ -62,19 +62,22 @@ class _MaskCache(dict):
 
     A log repeats a handful of masks: one dict lookup instead of parsing takes
     most of the cost out of __post_init__, which runs for every event. Only
-    valid strings are kept, and no more than LIMIT, so input cannot grow it.
+    valid strings of at most KEY_MAX characters are kept (a 64-bit mask with
+    some leading zeros; longer ones are parsed each time), and no more than
+    LIMIT, so input cannot grow it.
     Ints are checked every time (never cached: True == 1 must stay an error).
     A miss that is not a valid mask raises KeyError; the caller then calls
     _mask() for the error message with the field's name.
     """
 
     LIMIT = 4096
+    KEY_MAX = 34
 
     def __missing__(self, value):
         number = _parse_mask(value)
         if number is None:
             raise KeyError(value)
-        if type(value) is str and len(self) < self.LIMIT:
+        if type(value) is str and len(value) <= self.KEY_MAX and len(self) < self.LIMIT:
             self[value] = number
         return number
 

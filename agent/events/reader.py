@@ -7,6 +7,7 @@ error. Events before a bad line are still delivered, then InputError is
 raised: nothing after a bad line is judged.
 """
 
+import contextlib
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ BLOCK = 1 << 20
 _decoder = msgspec.json.Decoder(AnyEvent)
 STDIN = "-"
 STDIN_NAME = "<stdin>"
+# Longest message of an input error: msgspec and the mask check quote the bad value, which may be huge.
+MESSAGE_MAX = 300
 
 
 @dataclass
@@ -34,6 +37,13 @@ class InputError(Exception):
         return f"{where}: {self.message}"
 
 
+def _clip(message: str) -> str:
+    """At most MESSAGE_MAX characters, keeping the end, which names the field (" - at `$.value`")."""
+    if len(message) <= MESSAGE_MAX:
+        return message
+    return f"{message[:MESSAGE_MAX - 100]} ... {message[-95:]}"
+
+
 def decode_line(raw: bytes) -> Event:
     """Decode one JSON line; raises ValueError with a readable reason."""
     try:
@@ -43,9 +53,12 @@ def decode_line(raw: bytes) -> Event:
     try:
         return _decoder.decode(raw)
     except msgspec.ValidationError as e:
-        raise ValueError(f"invalid event: {e}") from None
+        raise ValueError(_clip(f"invalid event: {e}")) from None
     except msgspec.DecodeError as e:
-        raise ValueError(f"not a JSON object: {e}") from None
+        raise ValueError(_clip(f"not a JSON object: {e}")) from None
+    except RecursionError:
+        # msgspec's limit is Python's recursion limit, even inside a field that is ignored.
+        raise ValueError("not a JSON object: nested too deeply") from None
 
 
 def _is_skipped(raw: bytes) -> bool:
@@ -86,7 +99,7 @@ def _fast(block: bytes, newlines: int) -> list[Event] | None:
         if not block.isascii():
             block.decode("utf-8")
         events = _decoder.decode_lines(block)
-    except (UnicodeDecodeError, msgspec.ValidationError, msgspec.DecodeError):
+    except (UnicodeDecodeError, msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
     # Two objects on one line would shift line numbers.
     return events if len(events) == newlines + 1 else None
@@ -125,18 +138,28 @@ def _block(block: bytes, name: str, line: int, newlines: int) -> Iterator[tuple[
         yield from _slow(block, name, line)
 
 
-def read_files(paths: Iterable[str]) -> Iterator[tuple[str, list[Event], Iterable[int]]]:
-    """Batches from several files, in order, as one stream; `-` is standard input."""
+def _open(path: str):
+    """(name, binary stream to use in a `with`) of a path; `-` is standard input, left open."""
+    if path == STDIN:
+        # None when the process was started with its standard input closed.
+        if sys.stdin is None:
+            raise InputError(STDIN_NAME, 0, "cannot read: standard input is closed")
+        return STDIN_NAME, contextlib.nullcontext(sys.stdin.buffer)
+    try:
+        return path, open(path, "rb")
+    except OSError as e:
+        raise InputError(path, 0, f"cannot open: {e.strerror}") from None
+
+
+def read_files(paths: Iterable[str], wrap=None) -> Iterator[tuple[str, list[Event], Iterable[int]]]:
+    """Batches from several files, in order, as one stream; `-` is standard input.
+
+    `wrap`, if given, makes the stream read from each opened file (`run --follow` waits for more).
+    """
     for path in paths:
-        if path == STDIN:
-            yield from ((STDIN_NAME, ev, ln) for ev, ln in read_stream(sys.stdin.buffer, STDIN_NAME))
-            continue
-        try:
-            stream = open(path, "rb")
-        except OSError as e:
-            raise InputError(path, 0, f"cannot open: {e.strerror}") from None
-        with stream:
+        name, opened = _open(path)
+        with opened as stream:
             try:
-                yield from ((path, ev, ln) for ev, ln in read_stream(stream, path))
+                yield from ((name, ev, ln) for ev, ln in read_stream(wrap(stream) if wrap else stream, name))
             except OSError as e:
-                raise InputError(path, 0, f"cannot read: {e.strerror}") from None
+                raise InputError(name, 0, f"cannot read: {e.strerror}") from None

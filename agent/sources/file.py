@@ -3,7 +3,7 @@
 import threading
 from collections.abc import Iterator
 
-from agent.events.reader import read_files, read_stream
+from agent.events.reader import read_files
 
 POLL_SECONDS = 0.2
 
@@ -30,7 +30,4 @@ def file_source(paths: list[str], stop: threading.Event, follow: bool = False,
         yield from read_files(paths)
         return
     yield from read_files(paths[:-1])
-    path = paths[-1]
-    with open(path, "rb") as raw:
-        for events, lines in read_stream(_Growing(raw, stop, poll), path):
-            yield path, events, lines
+    yield from read_files(paths[-1:], lambda raw: _Growing(raw, stop, poll))
