@@ -25,7 +25,7 @@ class FakeTracepoint:
     fail = {"guest_xcr0": "no such tracepoint on this kernel: kvm:kvm_exit"}
     made = []
 
-    def __init__(self, on_event, groups=()):
+    def __init__(self, on_event, groups=(), vms=None):
         self.on_event = on_event
         self.groups = groups
         self.status = {}
@@ -93,8 +93,8 @@ class FakeKprobe(FakeTracepoint):
                 "guest_xcr0": ("kvm_ioctl",), "passthrough": ("kvm_msrs", "guest_msr")}
     made = []
 
-    def __init__(self, on_event, groups=()):
-        super().__init__(on_event, groups)
+    def __init__(self, on_event, groups=(), vms=None):
+        super().__init__(on_event, groups, vms)
         self.watched = []
 
     def release(self, sources):
