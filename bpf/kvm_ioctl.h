@@ -134,6 +134,9 @@ static __always_inline u64 xcrs_xcr0(char *uarg, u32 *flags) {
     }
 #pragma clang loop unroll(disable)
     for (u32 i = 1; i < KVM_MAX_XCRS; i++) {
+        // Opaque to clang: else it counts the loop down from a trip count
+        // the 6.1 verifier cannot bound (it gave up after 8192 branches).
+        asm volatile("" : "+r"(i));
         if (i >= nr)
             break;
         u32 x[4] = {};
