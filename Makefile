@@ -1,5 +1,5 @@
 # Conveniences over scripts/ (which need only bash).
-.PHONY: setup run test bench bench-live docs
+.PHONY: setup run test bench bench-live bench-kprobe docs
 setup:
 	scripts/setup
 run:
@@ -10,6 +10,8 @@ bench: setup
 	.venv/bin/python benchmarks/bench_replay.py
 bench-live: setup
 	.venv/bin/python benchmarks/livebench.py --quick
+bench-kprobe: setup
+	.venv/bin/python benchmarks/bench_kprobe_overhead.py --kernels 6.1,6.12
 docs: setup
 	.venv/bin/xstate-agent rules --format markdown > docs/rules.md
 	.venv/bin/python dashboards/generate.py

@@ -73,7 +73,9 @@ def _text_sink(v: Violation, file: str, line: int) -> None:
     where = f"tgid={ev.tgid}"
     if getattr(ev, "vm", None) is not None:
         where += f" vm={ev.vm} vcpu={ev.vcpu}"
-    print(f"{file}:{line}: {v.rule.id} {v.rule.severity}: {v.message} [{ev.kind} {where} ts={ev.ts}]")
+    text = f"{file}:{line}: {v.rule.id} {v.rule.severity}: {v.message} [{ev.kind} {where} ts={ev.ts}]"
+    # A log's strings (vm, comm, file names) must not reach the terminal as control sequences.
+    print(text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text))
 
 
 def _json_sink(v: Violation, file: str, line: int) -> None:

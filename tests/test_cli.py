@@ -114,6 +114,13 @@ def test_text_format_is_the_default():
     assert replay(MISCONFIGURED).stdout == replay(MISCONFIGURED, "--format", "text").stdout
 
 
+def test_text_output_escapes_control_characters(tmp_path):
+    # A hostile log must not reach the operator's terminal as escape sequences.
+    log = write_log(tmp_path / "esc.jsonl", vcpu_create(vm="vm\x1b[2J"), xcr0(0x40007, vm="vm\x1b[2J"))
+    out = replay(log).stdout
+    assert "\x1b" not in out and "vm\\x1b[2J" in out
+
+
 def test_ts_going_backwards_is_a_warning_not_an_error(tmp_path):
     log = write_log(tmp_path / "ts.jsonl", vcpu_create(ts=50), xcr0(0x7, ts=20))
     r = replay(log)
