@@ -52,23 +52,17 @@ class TpBtfProgram:
 
     def __init__(self, name: str, insns: bytes, btf_id: int):
         self.name = name
-        log = ctypes.create_string_buffer(_LOG_SIZE)
-        license_ = ctypes.create_string_buffer(b"GPL")
-        code = ctypes.create_string_buffer(insns, len(insns))
-        # union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license,
-        # log_level, log_size, log_buf, kern_version, prog_flags, prog_name[16],
-        # prog_ifindex, expected_attach_type (68), ..., attach_btf_id (108).
-        attr = bytearray(144)
-        struct.pack_into("IIQQIIQII", attr, 0, _BPF_PROG_TYPE_TRACING, len(insns) // 8, ctypes.addressof(code),
-                         ctypes.addressof(license_), 1, _LOG_SIZE, ctypes.addressof(log), 0, 0)
-        attr[48:48 + 15] = name.encode()[:15].ljust(15, b"\0")
-        struct.pack_into("I", attr, 68, _BPF_TRACE_RAW_TP)
-        struct.pack_into("I", attr, 108, btf_id)
         try:
-            self.prog_fd = _bpf(_BPF_PROG_LOAD, attr)
+            # Without a verifier log: writing it took 2.5 s of the 2.7 s the loops cost to verify.
+            self.prog_fd = self._load(name, insns, btf_id, None)
         except OSError as e:
+            log = ctypes.create_string_buffer(_LOG_SIZE)
+            try:  # again, for the verifier's reason
+                os.close(self._load(name, insns, btf_id, log))
+            except OSError:
+                pass
             lines = log.value.decode(errors="replace").strip().splitlines()
-            raise BtfProgError(f"load {name}: {e.strerror}" + (f": {lines[-1]}" if lines else "")) from None
+            raise BtfProgError(f"load {name}: {e.strerror}" + (f": {' '.join(lines[-2:])}" if lines else "")) from None
         # BPF_RAW_TRACEPOINT_OPEN {name = 0 (it is the program's attach_btf_id), prog_fd}
         open_attr = bytearray(16)
         struct.pack_into("QI", open_attr, 0, 0, self.prog_fd)
@@ -77,6 +71,22 @@ class TpBtfProgram:
         except OSError as e:
             os.close(self.prog_fd)
             raise BtfProgError(f"attach {name}: {e.strerror}") from None
+
+    @staticmethod
+    def _load(name: str, insns: bytes, btf_id: int, log) -> int:
+        license_ = ctypes.create_string_buffer(b"GPL")
+        code = ctypes.create_string_buffer(insns, len(insns))
+        # union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license,
+        # log_level, log_size, log_buf, kern_version, prog_flags, prog_name[16],
+        # prog_ifindex, expected_attach_type (68), ..., attach_btf_id (108).
+        attr = bytearray(144)
+        struct.pack_into("IIQQIIQII", attr, 0, _BPF_PROG_TYPE_TRACING, len(insns) // 8, ctypes.addressof(code),
+                         ctypes.addressof(license_), 1 if log is not None else 0, _LOG_SIZE if log is not None else 0,
+                         ctypes.addressof(log) if log is not None else 0, 0, 0)
+        attr[48:48 + 15] = name.encode()[:15].ljust(15, b"\0")
+        struct.pack_into("I", attr, 68, _BPF_TRACE_RAW_TP)
+        struct.pack_into("I", attr, 108, btf_id)
+        return _bpf(_BPF_PROG_LOAD, attr)
 
     def detach(self) -> None:
         if self.link_fd >= 0:
