@@ -208,7 +208,7 @@ def render_text(d: dict) -> str:
         kinds = ", ".join(s["kinds"]) or "(fields of others)"
         for i, p in enumerate(s["probes"] or [{"backend": "-", "attached": False, "reason": "not tried",
                                                "hooks": [], "backend_unavailable": False}]):
-            head = f"  {s['source']:<11} {kinds:<28}" if i == 0 else " " * 42
+            head = f"  {s['source']:<12} {kinds:<28}" if i == 0 else " " * 43
             if p["attached"]:
                 state = "attached" + (f": {', '.join(p['hooks'])}" if p["hooks"] else " (code in other probes)")
             elif p["backend_unavailable"]:
