@@ -30,7 +30,7 @@ from agent.probes import decode, kprobe_plan
 from agent.probes.kprobe_plan import GROUP_INDEX, KINDS, REPORTS, REQUIRES, SOURCES, Choice
 from agent.probes.offsets import Offsets
 from agent.probes.tracepoint_backend import (RingReader, BPF_DIR, BackendError, Timings, bcc_available,
-                                             kvm_vm_holders, tracefs_root, tracepoint_format)
+                                             default_ringbuf_pages, kvm_vm_holders, tracefs_root, tracepoint_format)
 from agent.probes.vmnames import VmNames
 
 BPF_SOURCE = BPF_DIR / "kprobes.bpf.c"
@@ -65,7 +65,7 @@ class KprobeBackend(RingReader):
     UNIT = "source"
     on_event: Callable  # (event: agent.events.model.Event, raw: decode.Raw) -> None
     groups: tuple[str, ...] = tuple(SOURCES)
-    ringbuf_pages: int = 4096
+    ringbuf_pages: int = field(default_factory=default_ringbuf_pages)
     wakeup_per_event: bool = False
     exit_has_group_dead: bool | None = None
     offsets: Offsets | None = None
@@ -127,6 +127,7 @@ class KprobeBackend(RingReader):
         why = bcc_available()
         if why:
             raise BackendError(why)
+        self._check_ring()
         from bcc import BPF
 
         self.plan()

@@ -198,6 +198,11 @@ class RingReader:
 
     KINDS: dict
 
+    def _check_ring(self) -> None:
+        n = self.ringbuf_pages
+        if n < 1 or n & (n - 1):
+            raise BackendError(f"a ring buffer of {n} pages: it must be a power of two (XSTATE_RINGBUF_PAGES)")
+
     def _compile(self, BPF, build: list[str]) -> list[str]:
         """Compile the sources; if that fails, find those that do not compile
         (each with what it requires), mark them and build the rest.
@@ -328,9 +333,7 @@ class TracepointBackend(RingReader):
             raise BackendError(why)
         if tracefs_root() is None:
             raise BackendError("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")
-        n = self.ringbuf_pages
-        if n < 1 or n & (n - 1):
-            raise BackendError(f"a ring buffer of {n} pages: it must be a power of two (XSTATE_RINGBUF_PAGES)")
+        self._check_ring()
         from bcc import BPF
 
         t0 = time.perf_counter()
