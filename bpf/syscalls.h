@@ -68,6 +68,7 @@ static __always_inline int sys_exit(u64 *ctx, int direct) {
     return 0;
 }
 
+#ifdef WITH_KVM_IOCTL  // (attached for the KVM sources only)
 static __always_inline int sys_enter(u64 *ctx, int direct) {
     if (ctx[1] != NR_IOCTL)
         return 0;
@@ -90,3 +91,4 @@ static __always_inline int sys_enter(u64 *ctx, int direct) {
         t->running = vcpu;
     return 0;
 }
+#endif
