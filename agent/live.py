@@ -222,7 +222,7 @@ class Probes:
         self.plans = {s: SourcePlan(s, kinds_of(s)) for s in sources() if only is None or s in only}
         self.backends: dict[str, object] = {}  # name -> started backend
         self.kprobes: KprobeSupport | None = None
-        self._watch_sets: list[set[int]] = []  # per backend, processes it had the other one watch
+        self._watched_across: set[int] = set()  # processes one backend had the other (with sched) watch
         self.vms = VmNames()  # one naming of VMs for both backends
         self.tracefs_note: str | None = None
         self.start_s = 0.0
@@ -345,24 +345,17 @@ class Probes:
         """The event callback of backend `name`. With two backends, each process that sends a record
         through the one without the sched source is watched by the one with it, so that its exec and
         exit (which forget its state) are reported whichever backend saw its KVM work."""
-        watched: set[int] = set()
-
         def on_event(event, raw=None):
             sched = self.plans.get("sched")
             if raw is not None and len(self.backends) > 1 and sched is not None and sched.backend:
                 if event.kind in ("exec", "exit"):  # its sched backend forgot it: watch it anew
-                    self._forget(raw.tgid)
-                elif sched.backend != name and raw.tgid not in watched:
-                    watched.add(raw.tgid)
+                    self._watched_across.discard(raw.tgid)
+                elif sched.backend != name and raw.tgid not in self._watched_across:
+                    self._watched_across.add(raw.tgid)
                     self.backends[sched.backend].watch(raw.tgid)
             self.on_event(event, raw)
 
-        self._watch_sets.append(watched)
         return on_event
-
-    def _forget(self, tgid: int) -> None:
-        for watched in self._watch_sets:
-            watched.discard(tgid)
 
     # -- the backend API, over every started backend --
 
